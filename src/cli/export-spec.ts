@@ -1,0 +1,80 @@
+/**
+ * Export definitions, from the command line (`NAME=file:PATH,readonly`) or a config file,
+ * and opening their backends.
+ */
+import type { Device } from '../core/device.js';
+import { parseSize } from '../core/size.js';
+import { FileBackend } from '../backends/file.js';
+import { MemoryBackend } from '../backends/memory.js';
+
+export type BackendSpec =
+  | { type: 'file'; path: string; direct?: boolean; create?: number }
+  | { type: 'memory'; size: number };
+
+export interface ExportSpec {
+  name: string;
+  backend: BackendSpec;
+  readOnly?: boolean;
+  description?: string;
+}
+
+export const EXPORT_SPEC_HELP =
+  'NAME=file:PATH or NAME=memory:SIZE, then comma-separated options: readonly, direct (file), ' +
+  'create=SIZE (file: create a sparse file if missing), description=TEXT';
+
+/** Parses `NAME=TYPE:ARG[,option...]`; throws an Error that says what is wrong. */
+export function parseExportSpec(text: string): ExportSpec {
+  const eq = text.indexOf('=');
+  if (eq < 0) throw new Error(`invalid export ${JSON.stringify(text)}: expected ${EXPORT_SPEC_HELP}`);
+  const name = text.slice(0, eq);
+  const [backendText = '', ...options] = text.slice(eq + 1).split(',');
+  const colon = backendText.indexOf(':');
+  if (colon < 0) {
+    throw new Error(`invalid export ${JSON.stringify(text)}: backend must be file:PATH or memory:SIZE`);
+  }
+  const type = backendText.slice(0, colon);
+  const arg = backendText.slice(colon + 1);
+  const spec: ExportSpec = { name, backend: { type: 'memory', size: 0 } };
+  let direct = false;
+  let create: number | undefined;
+  for (const option of options) {
+    const [key, value] = splitOption(option);
+    if (key === 'readonly' || key === 'ro') spec.readOnly = true;
+    else if (key === 'direct') direct = true;
+    else if (key === 'create' && value !== undefined) create = parseSize(value);
+    else if (key === 'description' && value !== undefined) spec.description = value;
+    else throw new Error(`invalid export ${JSON.stringify(text)}: unknown option ${JSON.stringify(option)}`);
+  }
+  if (type === 'file') {
+    if (arg === '') throw new Error(`invalid export ${JSON.stringify(text)}: file needs a path`);
+    spec.backend = { type: 'file', path: arg, direct, ...(create !== undefined ? { create } : {}) };
+  } else if (type === 'memory') {
+    if (direct || create !== undefined) {
+      throw new Error(`invalid export ${JSON.stringify(text)}: direct and create apply to file exports`);
+    }
+    spec.backend = { type: 'memory', size: parseSize(arg) };
+  } else {
+    throw new Error(`invalid export ${JSON.stringify(text)}: unknown backend type ${JSON.stringify(type)} (file or memory)`);
+  }
+  validateExportName(name);
+  return spec;
+}
+
+export function validateExportName(name: string): void {
+  if (Buffer.byteLength(name, 'utf8') > 4096) throw new Error('export name longer than 4096 bytes');
+  if (name.includes('\0')) throw new Error('export name contains a NUL character');
+}
+
+function splitOption(option: string): [string, string | undefined] {
+  const eq = option.indexOf('=');
+  return eq < 0 ? [option, undefined] : [option.slice(0, eq), option.slice(eq + 1)];
+}
+
+export async function openBackend(spec: BackendSpec, readOnly: boolean): Promise<Device> {
+  if (spec.type === 'memory') return new MemoryBackend({ size: spec.size, readOnly });
+  return FileBackend.open(spec.path, {
+    readOnly,
+    direct: spec.direct === true,
+    ...(spec.create !== undefined ? { create: { size: spec.create } } : {}),
+  });
+}

@@ -1,0 +1,118 @@
+/**
+ * The device interface: what a backend serves, what a filter sees below itself, and what the
+ * front end calls. It knows nothing of NBD; the NBD layer translates wire requests into these
+ * calls and their results back into replies.
+ *
+ * Offsets and lengths are JavaScript numbers, always safe integers (below 2^53). Callers check
+ * ranges against `info().size` before calling; devices assert it.
+ */
+
+/** Request flags, carried faithfully from the client to the bottom of the stack. */
+export const RequestFlags = {
+  /** Data must be on stable storage before the request completes. */
+  FUA: 1,
+  /** writeZeroes: the range must stay allocated (no hole punching). */
+  NO_HOLE: 2,
+  /** writeZeroes: fail at once with ENOTSUP unless zeroing is faster than writing. */
+  FAST_ZERO: 4,
+  /** blockStatus: the caller wants only one extent. */
+  REQ_ONE: 8,
+} as const;
+
+/** State bits of an extent, with the meaning of NBD's base:allocation. 0 means data. */
+export const ExtentState = {
+  /** Unallocated: writes may allocate (and may hit ENOSPC). */
+  HOLE: 1,
+  /** Reads as zeros. */
+  ZERO: 2,
+} as const;
+
+export interface Extent {
+  length: number;
+  state: number;
+}
+
+export interface BlockSizeLimits {
+  /** Smallest unit of I/O that needs no read-modify-write: a power of two, 1..65536. */
+  minimum: number;
+  /** Preferred unit, a power of two >= max(minimum, 512). */
+  preferred: number;
+  /** Largest read or write payload accepted in one request. */
+  maximum: number;
+}
+
+export interface DeviceCapabilities {
+  readOnly: boolean;
+  flush: boolean;
+  fua: boolean;
+  trim: boolean;
+  zero: boolean;
+  fastZero: boolean;
+  cache: boolean;
+  /** A flush through any connection persists what every connection wrote. */
+  multiConn: boolean;
+  rotational: boolean;
+}
+
+export interface DeviceInfo {
+  size: number;
+  blockSize: BlockSizeLimits;
+  caps: DeviceCapabilities;
+}
+
+/** Who issued a request; one object per connection, passed by reference (no allocation). */
+export interface ClientInfo {
+  readonly transport: 'unix' | 'tcp' | 'stdio' | 'internal';
+  readonly address?: string;
+  readonly port?: number;
+  readonly uid?: number;
+  readonly gid?: number;
+}
+
+export interface IoContext {
+  readonly exportName: string;
+  readonly client: ClientInfo;
+}
+
+export interface Device {
+  /** Current size, limits and capabilities; the front end samples it when a client connects. */
+  info(): DeviceInfo;
+  /** Fills `buf` with `buf.length` bytes starting at `offset`. */
+  read(buf: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void>;
+  write(data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void>;
+  /** Makes every write completed before the call durable. */
+  flush(flags: number, ctx?: IoContext): Promise<void>;
+  /** Advisory discard: the range's content is undefined afterwards. */
+  trim(offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
+  /** The range reads back as zeros afterwards (holes may be punched unless NO_HOLE). */
+  writeZeroes(offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
+  /** Advisory prefetch; semantically a no-op. */
+  cache(offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
+  /**
+   * Allocation state from `offset` on: at least one extent, the first starting at `offset`,
+   * none reaching past the end of the device. They may cover less or more than `length`.
+   */
+  blockStatus(offset: number, length: number, flags: number, ctx?: IoContext): Promise<Extent[]>;
+  close(): Promise<void>;
+}
+
+export const MIB = 1024 * 1024;
+
+/** Defaults the NBD spec asks a server to accept when it advertises nothing stricter. */
+export const DEFAULT_BLOCK_SIZE: Readonly<BlockSizeLimits> = {
+  minimum: 1,
+  preferred: 4096,
+  maximum: 32 * MIB,
+};
+
+/** Checks that [offset, offset + length) lies inside a device of `size` bytes. */
+export function inRange(offset: number, length: number, size: number): boolean {
+  return (
+    Number.isSafeInteger(offset) &&
+    Number.isSafeInteger(length) &&
+    offset >= 0 &&
+    length >= 0 &&
+    offset <= size &&
+    length <= size - offset
+  );
+}

@@ -1,0 +1,81 @@
+/**
+ * A FIFO of received bytes. Socket 'data' events split and merge messages arbitrarily, so the
+ * parsers push whatever arrives and take exactly what the protocol says comes next. Taking
+ * bytes that lie inside one received buffer is zero-copy (a view into it).
+ */
+export class ByteQueue {
+  private readonly bufs: Buffer[] = [];
+  /** Bytes of bufs[0] already consumed. */
+  private head = 0;
+  private total = 0;
+
+  get length(): number {
+    return this.total;
+  }
+
+  push(buf: Buffer): void {
+    if (buf.length === 0) return;
+    this.bufs.push(buf);
+    this.total += buf.length;
+  }
+
+  /** The first `n` bytes without consuming them. Caller guarantees `n <= length`. */
+  peek(n: number): Buffer {
+    const first = this.bufs[0];
+    if (first !== undefined && first.length - this.head >= n) {
+      return first.subarray(this.head, this.head + n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    let copied = 0;
+    let offset = this.head;
+    for (const buf of this.bufs) {
+      if (copied === n) break;
+      copied += buf.copy(out, copied, offset, Math.min(buf.length, offset + n - copied));
+      offset = 0;
+    }
+    return out;
+  }
+
+  /** Consumes and returns exactly `n` bytes. Caller guarantees `n <= length`. */
+  take(n: number): Buffer {
+    const first = this.bufs[0];
+    if (first !== undefined && first.length - this.head >= n) {
+      const out = first.subarray(this.head, this.head + n);
+      this.skip(n);
+      return out;
+    }
+    const out = Buffer.allocUnsafe(n);
+    this.takeInto(out, 0, n);
+    return out;
+  }
+
+  /**
+   * Moves up to `n` bytes into `dest` at `destOffset` and returns how many were moved. Lets a
+   * large payload land in its final buffer piece by piece, without an intermediate copy.
+   */
+  takeInto(dest: Buffer, destOffset: number, n: number): number {
+    let moved = 0;
+    while (moved < n && this.bufs.length > 0) {
+      const buf = this.bufs[0]!;
+      const count = Math.min(n - moved, buf.length - this.head);
+      buf.copy(dest, destOffset + moved, this.head, this.head + count);
+      moved += count;
+      this.skip(count);
+    }
+    return moved;
+  }
+
+  /** Consumes everything left. */
+  takeAll(): Buffer {
+    return this.take(this.total);
+  }
+
+  private skip(n: number): void {
+    this.total -= n;
+    this.head += n;
+    while (this.bufs.length > 0 && this.head >= this.bufs[0]!.length) {
+      this.head -= this.bufs[0]!.length;
+      this.bufs.shift();
+    }
+  }
+}

@@ -1,0 +1,153 @@
+/**
+ * The NBD server: listens on unix sockets and TCP, or adopts already-connected sockets
+ * (stdin/stdout, systemd socket activation), negotiates each connection and runs its
+ * transmission phase. It knows exports only as devices; filters are invisible to it.
+ */
+import net from 'node:net';
+import type { Logger } from 'pino';
+import type { ClientInfo, IoContext } from '../core/device.js';
+import type { ExportSource } from './exports.js';
+import { Negotiator } from './handshake.js';
+import {
+  DEFAULT_TRANSMISSION_LIMITS,
+  TransmissionSession,
+  type TransmissionLimits,
+} from './transmission.js';
+
+export interface NbdServerOptions {
+  exports: ExportSource;
+  logger: Logger;
+  /** Answer NBD_OPT_LIST (default true). */
+  allowList?: boolean;
+  /** A client must finish negotiating within this time (default 30 s). */
+  handshakeTimeoutMs?: number;
+  /** Connections served at once; more are refused at accept (default 1024). */
+  maxConnections?: number;
+  limits?: Partial<TransmissionLimits>;
+}
+
+interface Connection {
+  readonly id: number;
+  readonly socket: net.Socket;
+  session?: TransmissionSession;
+  readonly done: Promise<void>;
+}
+
+export class NbdServer {
+  private readonly listeners: net.Server[] = [];
+  private readonly connections = new Map<number, Connection>();
+  private nextId = 1;
+  private shuttingDown = false;
+  private readonly limits: TransmissionLimits;
+
+  constructor(private readonly opts: NbdServerOptions) {
+    this.limits = { ...DEFAULT_TRANSMISSION_LIMITS, ...opts.limits };
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Listens on a unix socket path, a TCP host:port, or an inherited listening fd. */
+  async listen(where: { path: string } | { host: string; port: number } | { fd: number }): Promise<net.Server> {
+    const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) =>
+      this.accept(socket, clientInfoOf(socket, where)),
+    );
+    server.maxConnections = this.opts.maxConnections ?? 1024;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      const onListening = (): void => {
+        server.off('error', reject);
+        resolve();
+      };
+      if ('path' in where) server.listen(where.path, onListening);
+      else if ('fd' in where) server.listen({ fd: where.fd }, onListening);
+      else server.listen(where.port, where.host, onListening);
+    });
+    server.on('error', (err) => this.opts.logger.error({ err }, 'listener error'));
+    this.listeners.push(server);
+    return server;
+  }
+
+  /** Serves one already-connected socket (stdin/stdout, socketpair). */
+  adopt(socket: net.Socket, client: ClientInfo): Promise<void> {
+    return this.accept(socket, client);
+  }
+
+  private accept(socket: net.Socket, client: ClientInfo): Promise<void> {
+    const id = this.nextId++;
+    const log = this.opts.logger.child({ conn: id });
+    if (this.shuttingDown) {
+      socket.destroy();
+      return Promise.resolve();
+    }
+    if (client.transport === 'tcp') socket.setNoDelay(true);
+    // Peers vanish without warning; a reset is an ordinary end, never a crash.
+    socket.on('error', (err) => log.debug({ err: err.message }, 'socket error'));
+    log.info({ client }, 'client connected');
+    const conn: Connection = { id, socket, done: this.serve(socket, client, log, id) };
+    this.connections.set(id, conn);
+    void conn.done.finally(() => {
+      this.connections.delete(id);
+      log.info('client disconnected');
+    });
+    return conn.done;
+  }
+
+  private async serve(socket: net.Socket, client: ClientInfo, log: Logger, id: number): Promise<void> {
+    const timeout = setTimeout(() => {
+      log.warn('negotiation timed out');
+      socket.destroy();
+    }, this.opts.handshakeTimeoutMs ?? 30_000);
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    let negotiated;
+    try {
+      negotiated = await new Negotiator(socket, {
+        exports: this.opts.exports,
+        logger: log,
+        allowList: this.opts.allowList ?? true,
+        isShuttingDown: () => this.shuttingDown,
+      }).run();
+    } catch (err) {
+      log.error({ err }, 'negotiation failed');
+      socket.destroy();
+    } finally {
+      clearTimeout(timeout);
+    }
+    if (!negotiated) {
+      if (!socket.destroyed) socket.end();
+      await closed;
+      return;
+    }
+    log.info({ export: negotiated.export.name, structured: negotiated.structuredReplies }, 'export opened');
+    const ctx: IoContext = { exportName: negotiated.export.name, client };
+    const session = new TransmissionSession(socket, negotiated, ctx, this.limits, log);
+    const conn = this.connections.get(id);
+    if (conn) conn.session = session;
+    session.start();
+    if (this.shuttingDown) session.shutdown();
+    await session.done;
+  }
+
+  /**
+   * Stops accepting, lets every connection finish the requests it sent (later ones get
+   * ESHUTDOWN), and resolves once all are closed.
+   */
+  async close(): Promise<void> {
+    this.shuttingDown = true;
+    await Promise.all(this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve()))));
+    for (const conn of this.connections.values()) {
+      if (conn.session) conn.session.shutdown();
+      else conn.socket.destroy(); // still negotiating: nothing of it can be lost
+    }
+    await Promise.all([...this.connections.values()].map((c) => c.done));
+  }
+}
+
+function clientInfoOf(
+  socket: net.Socket,
+  where: { path: string } | { host: string; port: number } | { fd: number },
+): ClientInfo {
+  if ('path' in where || socket.remoteAddress === undefined) return { transport: 'unix' };
+  return { transport: 'tcp', address: socket.remoteAddress, port: socket.remotePort ?? 0 };
+}
