@@ -135,12 +135,15 @@ export class NbdServer {
    */
   async close(): Promise<void> {
     this.shuttingDown = true;
-    await Promise.all(this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve()))));
+    // A listener's close callback waits for its connections to end, so stop accepting first,
+    // end the connections, and only then wait for the listeners.
+    const listenersClosed = this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
     for (const conn of this.connections.values()) {
       if (conn.session) conn.session.shutdown();
       else conn.socket.destroy(); // still negotiating: nothing of it can be lost
     }
     await Promise.all([...this.connections.values()].map((c) => c.done));
+    await Promise.all(listenersClosed);
   }
 }
 

@@ -484,7 +484,11 @@ export class TransmissionSession {
     if (this.shuttingDown && this.state !== 'closing') this.state = 'closing';
     if (this.state !== 'closing') return;
     if (!this.socketClosed && !this.socket.destroyed) {
-      this.socket.end();
+      // At shutdown an idle client would not notice our half-close until its next request:
+      // once every reply is flushed, close outright.
+      this.socket.end(() => {
+        if (this.shuttingDown) this.socket.destroy();
+      });
       // 'close' follows once the client closes its side too; do not wait on it forever.
       setTimeout(() => this.socket.destroy(), CLOSE_GRACE_MS).unref();
       return;
