@@ -57,7 +57,8 @@ async function fio(uri: string, options: string[], timeoutMs = 90_000): Promise<
     `--output=${outFile}`,
     ...options,
   ];
-  const result = await run('fio', args, { timeoutMs });
+  // fio leaves verify state files in its working directory: keep them in the temp dir.
+  const result = await run('fio', args, { timeoutMs, cwd: dir.path });
   const output = fs.existsSync(outFile) ? fs.readFileSync(outFile, 'utf8') : '';
   let jobs: FioJob[] = [];
   try {
@@ -193,7 +194,7 @@ describe('fio --ioengine=nbd', () => {
       '--rate=24m',
       '--output-format=json',
       `--output=${outFile}`,
-    ]);
+    ], { cwd: dir.path });
     let exitMs = -1;
     let exitCode: number | null = null;
     try {

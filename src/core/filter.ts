@@ -1,0 +1,100 @@
+/**
+ * The filter API, version 1. A filter type is a module (like a device-mapper target type)
+ * that creates filter instances from validated arguments; a filter instance sits on one export
+ * and sees every request on its way down, with `next` — the device below it — handed in, as
+ * in nbdkit's filters. Each hook may pass the request on, change it, complete it itself, fail
+ * it, or issue its own I/O to `next`; an unset hook passes the request through unchanged.
+ * A filter never sees the layers above it, and knows nothing of NBD.
+ *
+ * Documented for authors in docs/filter-api.md.
+ */
+import type { Logger } from 'pino';
+import type { Device, DeviceInfo, Extent, IoContext } from './device.js';
+
+export const FILTER_API_VERSION = 1;
+
+/** A JSON Schema (draft 2020-12 subset understood by ajv) for an object of arguments. */
+export interface ArgsSchema {
+  type: 'object';
+  properties: Record<string, unknown>;
+  required?: string[];
+  additionalProperties?: boolean;
+  [keyword: string]: unknown;
+}
+
+/** What a filter instance is given besides its arguments. */
+export interface FilterEnv {
+  readonly exportName: string;
+  readonly filterName: string;
+  readonly logger: Logger;
+  /** Facts about the device the filter will sit on (as seen from just below it). */
+  readonly below: DeviceInfo;
+  /** Publishes an event (shown in logs and to control-plane subscribers). */
+  emit(event: string, data?: Record<string, unknown>): void;
+}
+
+/** What becomes of a filter's state when it is removed; each type documents its policies. */
+export type RemovalPolicy = string;
+
+export interface FilterType<Args extends object = Record<string, unknown>> {
+  readonly name: string;
+  readonly apiVersion: typeof FILTER_API_VERSION;
+  readonly description: string;
+  readonly argsSchema: ArgsSchema;
+  /** Removal policies this type understands; the first is the default. */
+  readonly removalPolicies?: readonly RemovalPolicy[];
+  /**
+   * The prepare step: heavy setup (open files, allocate state) happens here, before the filter
+   * goes live. Throwing leaves the export untouched.
+   */
+  create(args: Args, env: FilterEnv): Promise<Filter> | Filter;
+}
+
+export interface Filter {
+  /** Capabilities and limits the layers above see; defaults to those of the layer below. */
+  info?(below: DeviceInfo): DeviceInfo;
+  read?(next: Device, buf: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void>;
+  write?(next: Device, data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void>;
+  flush?(next: Device, flags: number, ctx?: IoContext): Promise<void>;
+  trim?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
+  writeZeroes?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
+  cache?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
+  blockStatus?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<Extent[]>;
+  /** Structured, JSON-serialisable state for `filter status`. */
+  status?(): unknown;
+  /** A filter-specific command (`filter control`); throw FilterCommandError for bad input. */
+  control?(command: string, args: Record<string, unknown>): Promise<unknown> | unknown;
+  /** Called inside the swap once the filter is live: keep it cheap. */
+  activate?(): void;
+  /**
+   * Called after the filter has left the stack and no request can reach it any more, with the
+   * removal policy asked for (or the type's default).
+   */
+  destroy?(policy: RemovalPolicy): Promise<void> | void;
+}
+
+/** A filter command that was refused: unknown command, bad arguments, wrong state. */
+export class FilterCommandError extends Error {
+  override name = 'FilterCommandError';
+}
+
+/** Checks a value claimed to be a filter type (an external module's export) and explains why not. */
+export function checkFilterType(value: unknown, source: string): FilterType {
+  const t = value as Partial<FilterType> | null;
+  const problem = (what: string): never => {
+    throw new Error(`${source}: not a devfilter filter type: ${what}`);
+  };
+  if (typeof t !== 'object' || t === null) return problem('expected an object');
+  if (typeof t.name !== 'string' || !/^[a-z][a-z0-9-]*$/.test(t.name)) {
+    return problem('name must be lowercase letters, digits and dashes');
+  }
+  if (t.apiVersion !== FILTER_API_VERSION) {
+    return problem(`apiVersion ${String(t.apiVersion)} is not supported (this devfilter speaks ${FILTER_API_VERSION})`);
+  }
+  if (typeof t.create !== 'function') return problem('create() is missing');
+  if (typeof t.argsSchema !== 'object' || t.argsSchema === null || t.argsSchema.type !== 'object') {
+    return problem('argsSchema must be a JSON Schema of type "object"');
+  }
+  if (typeof t.description !== 'string') return problem('description is missing');
+  return t as FilterType;
+}

@@ -1,0 +1,288 @@
+/**
+ * The daemon's model of exports and their filter stacks, and the four commands of the device
+ * filter proposal — create a filter, remove a filter, remove all filters, send a filter a
+ * command — plus listing and status. Front ends (the control plane, the config file loader, a
+ * library user) call this; it knows no front end and no filter by name.
+ */
+import { EventEmitter } from 'node:events';
+import type { Logger } from 'pino';
+import type { Device, DeviceInfo } from './device.js';
+import { FilterCommandError, type FilterEnv } from './filter.js';
+import { FilterArgsError, FilterTypeRegistry } from './filter-types.js';
+import { LiveStack, StackChangeError, insertAt, type Position, type StackEntry } from './stack.js';
+
+export const DEFAULT_CHANGE_TIMEOUT_MS = 10_000;
+
+export type ManagerErrorCode = 'not-found' | 'invalid' | 'exists' | 'timeout' | 'failed';
+
+export class ManagerError extends Error {
+  override name = 'ManagerError';
+  constructor(
+    readonly code: ManagerErrorCode,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export interface ManagedExport {
+  readonly name: string;
+  readonly description?: string;
+  readonly readOnly: boolean;
+  readonly stack: LiveStack;
+  /** How the backend was described (e.g. "file:/var/lib/disk.img"), for status output. */
+  readonly backendLabel: string;
+}
+
+export interface FilterEvent {
+  time: string;
+  export: string;
+  filter?: string;
+  event: string;
+  data?: Record<string, unknown>;
+}
+
+export interface CreateFilterOptions {
+  name?: string;
+  args?: Record<string, unknown>;
+  position?: Position;
+  timeoutMs?: number;
+}
+
+export interface FilterSummary {
+  export: string;
+  name: string;
+  type: string;
+  args: Record<string, unknown>;
+  /** 0 is the top of the stack. */
+  index: number;
+}
+
+export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
+  private readonly byName = new Map<string, ManagedExport>();
+
+  constructor(
+    readonly types: FilterTypeRegistry,
+    private readonly logger: Logger,
+  ) {
+    super();
+  }
+
+  addExport(name: string, backend: Device, opts: { description?: string; readOnly?: boolean; backendLabel?: string } = {}): ManagedExport {
+    if (this.byName.has(name)) throw new ManagerError('exists', `export "${name}" already exists`);
+    const exp: ManagedExport = {
+      name,
+      readOnly: opts.readOnly === true,
+      stack: new LiveStack(backend),
+      backendLabel: opts.backendLabel ?? 'device',
+      ...(opts.description !== undefined ? { description: opts.description } : {}),
+    };
+    this.byName.set(name, exp);
+    return exp;
+  }
+
+  exports(): ManagedExport[] {
+    return [...this.byName.values()];
+  }
+
+  getExport(name: string): ManagedExport {
+    const exp = this.byName.get(name);
+    if (!exp) throw new ManagerError('not-found', `no export named "${name}"`);
+    return exp;
+  }
+
+  async createFilter(exportName: string, typeName: string, opts: CreateFilterOptions = {}): Promise<FilterSummary> {
+    const exp = this.getExport(exportName);
+    let args: Record<string, unknown>;
+    try {
+      args = this.types.validateArgs(typeName, opts.args ?? {});
+    } catch (err) {
+      if (err instanceof FilterArgsError) throw new ManagerError('invalid', err.message);
+      throw err;
+    }
+    const type = this.types.get(typeName);
+    const name = opts.name ?? this.freeName(exp, typeName);
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) {
+      throw new ManagerError('invalid', `invalid filter name "${name}": 1-64 letters, digits, '.', '_' or '-'`);
+    }
+    if (exp.stack.filters().some((e) => e.name === name)) {
+      throw new ManagerError('exists', `a filter named "${name}" is already on export "${exportName}"`);
+    }
+    // Prepare: the heavy part, before anything about the export changes.
+    const env = this.env(exp, name);
+    let filter;
+    try {
+      filter = await type.create(args, env);
+    } catch (err) {
+      throw new ManagerError('failed', `${typeName}: setup failed: ${(err as Error).message}`);
+    }
+    const entry: StackEntry = { name, type, args, filter };
+    try {
+      await exp.stack.change((cur) => insertAt(cur, entry, opts.position ?? { at: 'top' }), opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS);
+    } catch (err) {
+      await this.destroy(exp, entry, type.removalPolicies?.[0] ?? 'default');
+      throw this.fromStackError(err);
+    }
+    this.publish({ export: exportName, filter: name, event: 'filter.created', data: { type: typeName } });
+    return this.summary(exp, entry);
+  }
+
+  async removeFilter(exportName: string, name: string, opts: { policy?: string; timeoutMs?: number } = {}): Promise<void> {
+    const exp = this.getExport(exportName);
+    const entry = exp.stack.filters().find((e) => e.name === name);
+    if (!entry) throw new ManagerError('not-found', `no filter named "${name}" on export "${exportName}"`);
+    const policy = this.policy(entry, opts.policy);
+    try {
+      await exp.stack.change(
+        (cur) => {
+          if (!cur.includes(entry)) throw new StackChangeError(`no filter named "${name}" on export "${exportName}"`, 'not-found');
+          return cur.filter((e) => e !== entry);
+        },
+        opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS,
+      );
+    } catch (err) {
+      throw this.fromStackError(err);
+    }
+    await this.destroy(exp, entry, policy);
+    this.publish({ export: exportName, filter: name, event: 'filter.removed', data: { policy } });
+  }
+
+  /** Removes every filter of one export, or of all exports; returns how many were removed. */
+  async removeAll(exportName?: string, opts: { policy?: string; timeoutMs?: number } = {}): Promise<number> {
+    const targets = exportName === undefined ? this.exports() : [this.getExport(exportName)];
+    let count = 0;
+    for (const exp of targets) {
+      let removed: StackEntry[];
+      try {
+        removed = await exp.stack.change(() => [], opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS);
+      } catch (err) {
+        throw this.fromStackError(err);
+      }
+      for (const entry of removed) {
+        const policy = opts.policy !== undefined && (entry.type.removalPolicies ?? []).includes(opts.policy) ? opts.policy : this.policy(entry, undefined);
+        await this.destroy(exp, entry, policy);
+        this.publish({ export: exp.name, filter: entry.name, event: 'filter.removed', data: { policy } });
+      }
+      count += removed.length;
+    }
+    return count;
+  }
+
+  async control(exportName: string, name: string, command: string, args: Record<string, unknown> = {}): Promise<unknown> {
+    const entry = this.entry(exportName, name);
+    if (!entry.filter.control) {
+      throw new ManagerError('invalid', `filter "${name}" (${entry.type.name}) takes no commands`);
+    }
+    try {
+      const result = await entry.filter.control(command, args);
+      this.publish({ export: exportName, filter: name, event: 'filter.control', data: { command } });
+      return result ?? null;
+    } catch (err) {
+      if (err instanceof FilterCommandError) throw new ManagerError('invalid', `${name}: ${err.message}`);
+      throw new ManagerError('failed', `${name}: ${(err as Error).message}`);
+    }
+  }
+
+  listFilters(exportName?: string): FilterSummary[] {
+    const targets = exportName === undefined ? this.exports() : [this.getExport(exportName)];
+    return targets.flatMap((exp) => exp.stack.filters().map((e) => this.summary(exp, e)));
+  }
+
+  filterStatus(exportName: string, name: string): FilterSummary & { status: unknown } {
+    const exp = this.getExport(exportName);
+    const entry = this.entry(exportName, name);
+    return { ...this.summary(exp, entry), status: entry.filter.status?.() ?? null };
+  }
+
+  exportStatus(name: string): Record<string, unknown> {
+    const exp = this.getExport(name);
+    const info = exp.stack.info();
+    return {
+      name: exp.name,
+      description: exp.description ?? null,
+      backend: exp.backendLabel,
+      size: info.size,
+      readOnly: exp.readOnly || info.caps.readOnly,
+      blockSize: info.blockSize,
+      caps: info.caps,
+      stack: exp.stack.stats(),
+      filters: exp.stack.filters().map((e) => ({ ...this.summary(exp, e), status: e.filter.status?.() ?? null })),
+    };
+  }
+
+  /** Removes every filter (default policies) and closes every backend. */
+  async close(): Promise<void> {
+    for (const exp of this.exports()) {
+      try {
+        await this.removeAll(exp.name);
+      } catch (err) {
+        this.logger.error({ err, export: exp.name }, 'removing filters at shutdown failed');
+      }
+      await exp.stack.close();
+    }
+  }
+
+  private entry(exportName: string, name: string): StackEntry {
+    const exp = this.getExport(exportName);
+    const entry = exp.stack.filters().find((e) => e.name === name);
+    if (!entry) throw new ManagerError('not-found', `no filter named "${name}" on export "${exportName}"`);
+    return entry;
+  }
+
+  private summary(exp: ManagedExport, e: StackEntry): FilterSummary {
+    return { export: exp.name, name: e.name, type: e.type.name, args: e.args, index: exp.stack.filters().indexOf(e) };
+  }
+
+  private freeName(exp: ManagedExport, typeName: string): string {
+    const taken = new Set(exp.stack.filters().map((e) => e.name));
+    if (!taken.has(typeName)) return typeName;
+    for (let i = 2; ; i++) if (!taken.has(`${typeName}-${i}`)) return `${typeName}-${i}`;
+  }
+
+  private policy(entry: StackEntry, asked: string | undefined): string {
+    const policies = entry.type.removalPolicies ?? [];
+    if (asked === undefined) return policies[0] ?? 'default';
+    if (!policies.includes(asked)) {
+      throw new ManagerError(
+        'invalid',
+        `${entry.type.name} has no removal policy "${asked}"` + (policies.length ? ` (one of: ${policies.join(', ')})` : ''),
+      );
+    }
+    return asked;
+  }
+
+  private async destroy(exp: ManagedExport, entry: StackEntry, policy: string): Promise<void> {
+    try {
+      await entry.filter.destroy?.(policy);
+    } catch (err) {
+      this.logger.error({ err, export: exp.name, filter: entry.name }, 'filter teardown failed');
+      this.publish({ export: exp.name, filter: entry.name, event: 'filter.teardown-failed', data: { error: (err as Error).message } });
+    }
+  }
+
+  private env(exp: ManagedExport, filterName: string): FilterEnv {
+    const logger = this.logger.child({ export: exp.name, filter: filterName });
+    const below: DeviceInfo = exp.stack.below.info();
+    return {
+      exportName: exp.name,
+      filterName,
+      logger,
+      below,
+      emit: (event, data) => this.publish({ export: exp.name, filter: filterName, event, ...(data ? { data } : {}) }),
+    };
+  }
+
+  private publish(e: Omit<FilterEvent, 'time'>): void {
+    const event: FilterEvent = { time: new Date().toISOString(), ...e };
+    this.logger.info({ event: event.event, export: event.export, filter: event.filter, data: event.data }, 'event');
+    this.emit('event', event);
+  }
+
+  private fromStackError(err: unknown): Error {
+    if (err instanceof StackChangeError) {
+      const code: ManagerErrorCode = err.reason === 'timeout' ? 'timeout' : err.reason === 'exists' ? 'exists' : err.reason === 'not-found' ? 'not-found' : 'failed';
+      return new ManagerError(code, err.message);
+    }
+    return err as Error;
+  }
+}
