@@ -50,10 +50,13 @@ export function isErrno(value: unknown): value is Errno {
 /** Anything thrown below a device becomes a DeviceError; unknown failures are EIO. */
 export function toDeviceError(err: unknown): DeviceError {
   if (err instanceof DeviceError) return err;
+  // An external filter may bring its own copy of DeviceError, or any Error with an errno name.
+  const errno = (err as { errno?: unknown } | null)?.errno;
+  if (isErrno(errno)) return new DeviceError(errno, err instanceof Error ? err.message : String(err), { cause: err });
   const code = (err as { code?: unknown } | null)?.code;
-  const errno = typeof code === 'string' ? (HOST_CODE_TO_ERRNO[code] ?? 'EIO') : 'EIO';
+  const mapped = typeof code === 'string' ? (HOST_CODE_TO_ERRNO[code] ?? 'EIO') : 'EIO';
   const message = err instanceof Error ? err.message : String(err);
-  return new DeviceError(errno, message, { cause: err });
+  return new DeviceError(mapped, message, { cause: err });
 }
 
 /** Invariant check in the TIGER_STYLE sense: a failure here is a bug, never bad input. */
