@@ -39,8 +39,13 @@ import {
   adviseWillNeed,
   blockDeviceSize,
   fallocate,
+  isMemoryFileSystem,
   isUnsupported,
   lseek,
+  preadNoWait,
+  preadSync,
+  pwriteSync,
+  supportsNoWaitRead,
 } from './libc.js';
 
 export interface FileBackendOptions {
@@ -76,6 +81,25 @@ interface Opened {
   blockDevice: boolean;
 }
 
+const RESOLVED = Promise.resolve();
+
+/**
+ * How reads and writes may skip the thread pool. A thread-pool round trip costs ten
+ * microseconds or more; a call on the event loop's thread, a couple — but it must never wait
+ * for a device, or every connection would wait with it.
+ * - 'memory': the file lives in memory (tmpfs, ramfs): reads and writes run inline.
+ * - 'nowait': reads try preadv2(RWF_NOWAIT) inline, which answers from the page cache or
+ *   says EAGAIN at once; misses and all writes go to the thread pool.
+ * - 'pool': everything goes to the thread pool (O_DIRECT, block devices, older kernels).
+ */
+type InlineIo = 'memory' | 'nowait' | 'pool';
+
+function inlineIoFor(fd: number, opened: Opened, direct: boolean): InlineIo {
+  if (direct || opened.blockDevice) return 'pool';
+  if (isMemoryFileSystem(fd)) return 'memory';
+  return supportsNoWaitRead(fd) ? 'nowait' : 'pool';
+}
+
 export class FileBackend implements Device {
   readonly path: string;
   readonly #fd: number;
@@ -83,6 +107,7 @@ export class FileBackend implements Device {
   readonly #blockDevice: boolean;
   readonly #direct: boolean;
   readonly #info: DeviceInfo;
+  readonly #inline: InlineIo;
   /** Cleared on the first EOPNOTSUPP, so an unsupporting file system costs one syscall. */
   #canPunch = true;
   #canZeroRange = true;
@@ -93,6 +118,7 @@ export class FileBackend implements Device {
 
   private constructor(path: string, opened: Opened, readOnly: boolean, direct: boolean) {
     this.path = path;
+    this.#inline = inlineIoFor(opened.fd, opened, direct);
     this.#fd = opened.fd;
     this.#size = opened.size;
     this.#blockDevice = opened.blockDevice;
@@ -157,7 +183,24 @@ export class FileBackend implements Device {
     return this.#info;
   }
 
+  /** Which inline I/O path this file uses (see InlineIo); reported in status and logs. */
+  get inlineIo(): InlineIo {
+    return this.#inline;
+  }
+
   read(buf: Buffer, offset: number, _flags: number): Promise<void> {
+    if (this.#inline !== 'pool' && this.#closing === undefined) {
+      let done: number;
+      try {
+        checkRange('read', offset, buf.length, this.#size);
+        done = this.#readInline(buf, offset);
+      } catch (err) {
+        return Promise.reject(toDeviceError(err));
+      }
+      if (done === buf.length) return RESOLVED;
+      // A page-cache miss: the rest comes from the thread pool.
+      return this.#run('read', () => preadFull(this.#fd, buf.subarray(done), offset + done));
+    }
     return this.#run('read', async () => {
       checkRange('read', offset, buf.length, this.#size);
       if (!this.#direct) return preadFull(this.#fd, buf, offset);
@@ -173,6 +216,20 @@ export class FileBackend implements Device {
   }
 
   write(data: Buffer, offset: number, flags: number): Promise<void> {
+    if (this.#inline === 'memory' && this.#closing === undefined) {
+      try {
+        this.#checkWritable('write');
+        checkWriteRange('write', offset, data.length, this.#size);
+        for (let done = 0; done < data.length; ) {
+          const n = pwriteSync(this.#fd, done === 0 ? data : data.subarray(done), offset + done);
+          if (n === 0) throw new DeviceError('EIO', `write at ${offset + done} made no progress`);
+          done += n;
+        }
+      } catch (err) {
+        return Promise.reject(toDeviceError(err));
+      }
+      return flags & RequestFlags.FUA ? this.#run('write', () => this.#fua(flags)) : RESOLVED;
+    }
     return this.#run('write', async () => {
       this.#checkWritable('write');
       checkWriteRange('write', offset, data.length, this.#size);
@@ -258,6 +315,21 @@ export class FileBackend implements Device {
       await closeFd(this.#fd);
     })();
     return this.#closing;
+  }
+
+  /** Reads what can be had without waiting; returns the bytes placed in `buf`. */
+  #readInline(buf: Buffer, offset: number): number {
+    if (this.#inline === 'nowait') return Math.max(0, preadNoWait(this.#fd, buf, offset));
+    let done = 0;
+    while (done < buf.length) {
+      const n = preadSync(this.#fd, done === 0 ? buf : buf.subarray(done), offset + done);
+      if (n === 0) {
+        buf.fill(0, done); // past the end of a file that shrank under us
+        return buf.length;
+      }
+      done += n;
+    }
+    return done;
   }
 
   /**

@@ -69,6 +69,10 @@ interface Libc {
   };
   lseek(fd: number, offset: number, whence: number): number | bigint;
   ioctl(fd: number, request: number, type: string, arg: Buffer): number;
+  pread(fd: number, buf: Buffer, length: number, offset: number): number | bigint;
+  pwrite(fd: number, buf: Buffer, length: number, offset: number): number | bigint;
+  preadv2(fd: number, iov: Buffer, count: number, offset: number, flags: number): number | bigint;
+  fstatfs(fd: number, out: Buffer): number;
 }
 
 let libc: Libc | undefined;
@@ -84,6 +88,10 @@ function load(): Libc {
       ),
       lseek: lib.func('int64_t lseek64(int fd, int64_t offset, int whence)'),
       ioctl: lib.func('int ioctl(int fd, unsigned long request, ...)'),
+      pread: lib.func('int64_t pread64(int fd, void *buf, uint64_t count, int64_t offset)'),
+      pwrite: lib.func('int64_t pwrite64(int fd, const void *buf, uint64_t count, int64_t offset)'),
+      preadv2: lib.func('int64_t preadv64v2(int fd, void *iov, int iovcnt, int64_t offset, int flags)'),
+      fstatfs: lib.func('int fstatfs64(int fd, void *buf)'),
     };
   }
   return libc;
@@ -132,4 +140,61 @@ export function blockDeviceSize(fd: number): number {
     return Number(out.readBigUInt64LE(0));
   }
   return lseek(fd, 0, SEEK_END);
+}
+
+/** preadv2 flag: fail with EAGAIN instead of waiting for the device (page-cache hits only). */
+const RWF_NOWAIT = 0x08;
+const EAGAIN = constants.errno.EAGAIN;
+
+/** One iovec, reused: calls on the main thread never overlap. */
+const iov = Buffer.alloc(16);
+
+/**
+ * Synchronous calls on the event loop's thread, for the cases where they cannot wait for a
+ * device: they cost a couple of microseconds where a thread-pool round trip costs ten or more.
+ * Each returns the byte count, or -1 when the data is not at hand without waiting (NOWAIT).
+ */
+export function preadNoWait(fd: number, buf: Buffer, offset: number): number {
+  iov.writeBigUInt64LE(BigInt(koffi.address(buf)), 0);
+  iov.writeBigUInt64LE(BigInt(buf.length), 8);
+  const n = Number(load().preadv2(fd, iov, 1, offset, RWF_NOWAIT));
+  if (n >= 0) return n;
+  const errnum = koffi.errno();
+  if (errnum === EAGAIN) return -1;
+  throw new SysError('preadv2', errnum);
+}
+
+/** pread(2) on the main thread: only for files whose pages live in memory (tmpfs). */
+export function preadSync(fd: number, buf: Buffer, offset: number): number {
+  const n = Number(load().pread(fd, buf, buf.length, offset));
+  if (n < 0) throw new SysError('pread', koffi.errno());
+  return n;
+}
+
+/** pwrite(2) on the main thread: only for files whose pages live in memory (tmpfs). */
+export function pwriteSync(fd: number, data: Buffer, offset: number): number {
+  const n = Number(load().pwrite(fd, data, data.length, offset));
+  if (n < 0) throw new SysError('pwrite', koffi.errno());
+  return n;
+}
+
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+/** True when the file's data lives in memory (tmpfs, ramfs): its I/O never waits for a device. */
+export function isMemoryFileSystem(fd: number): boolean {
+  const out = Buffer.alloc(128); // struct statfs64; f_type is its first field
+  if (load().fstatfs(fd, out) !== 0) return false;
+  const type = Number(out.readBigInt64LE(0));
+  return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+}
+
+/** Whether NOWAIT reads work on this fd (they need kernel and file-system support). */
+export function supportsNoWaitRead(fd: number): boolean {
+  try {
+    preadNoWait(fd, Buffer.alloc(1), 0);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -1,0 +1,15 @@
+/** The filter types built into devfilter; each lives in its own folder. */
+import type { FilterType } from '../core/filter.js';
+import { faultFilterType } from './fault/index.js';
+import { statsFilterType } from './stats/index.js';
+import { throttleFilterType } from './throttle/index.js';
+
+export { faultFilterType } from './fault/index.js';
+export { statsFilterType } from './stats/index.js';
+export { throttleFilterType } from './throttle/index.js';
+
+export const builtinFilterTypes: FilterType[] = [
+  statsFilterType,
+  faultFilterType,
+  throttleFilterType,
+];
