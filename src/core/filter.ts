@@ -64,8 +64,16 @@ export interface Filter {
   status?(): unknown;
   /** A filter-specific command (`filter control`); throw FilterCommandError for bad input. */
   control?(command: string, args: Record<string, unknown>): Promise<unknown> | unknown;
-  /** Called inside the swap once the filter is live: keep it cheap. */
+  /**
+   * Called inside the swap once the filter is live: keep it cheap. Called again if a removal
+   * that `release()`d the filter was refused, so that it goes back to work.
+   */
   activate?(): void;
+  /**
+   * The filter is about to leave the stack: requests it holds back on purpose (a throttle's
+   * queue) must go now, or the drain before the swap would wait for them.
+   */
+  release?(): void;
   /**
    * Called after the filter has left the stack and no request can reach it any more, with the
    * removal policy asked for (or the type's default).

@@ -201,12 +201,20 @@ export class LiveStack implements Device {
       let openGate!: () => void;
       this.gate = new Promise((resolve) => (openGate = resolve));
       const pausedAt = performance.now();
+      const removed = this.entries.filter((e) => !next.includes(e));
       try {
-        await this.drain(timeoutMs);
+        // Filters on their way out let go of requests they hold back (throttle queues), or
+        // the drain would wait on them.
+        for (const e of removed) e.filter.release?.();
+        try {
+          await this.drain(timeoutMs);
+        } catch (err) {
+          for (const e of removed) e.filter.activate?.(); // they stay: back to work
+          throw err;
+        }
         // The cheap part, with nothing in flight: bind the chain and switch to it.
         const chain = buildChain(next, this.backend);
         for (const e of next) if (!this.entries.includes(e)) e.filter.activate?.();
-        const removed = this.entries.filter((e) => !next.includes(e));
         this.entries = next;
         this.top = chain;
         this.changes++;

@@ -138,6 +138,19 @@ describe('throttle filter', () => {
     await fx.manager.removeFilter('mem', 'live');
   });
 
+  test('removing a throttle lets its queue go at once instead of waiting out the limit', async () => {
+    await fx.manager.createFilter('mem', 'throttle', { name: 'slow', args: { iops: '2', burst: '0.5' } });
+    const c = await fx.connect();
+    // 2 IOPS: 40 queued reads would need 20 s, twice the change timeout.
+    const reads = Array.from({ length: 40 }, (_, i) => c.read(i * 4096, 4096));
+    await new Promise((r) => setTimeout(r, 100));
+    const started = performance.now();
+    await fx.manager.removeFilter('mem', 'slow', { timeoutMs: 2000 });
+    await Promise.all(reads);
+    assert.ok(performance.now() - started < 2000, 'the removal waited for the queue');
+    assert.deepEqual(fx.manager.listFilters('mem'), []);
+  });
+
   test('sizes, validation and reset', async () => {
     await fx.manager.createFilter('mem', 'throttle', { name: 'v', args: { bps: '1M', writeIopsBurst: 5, readBpsBurst: '128K', readBps: '2M' } });
     let s = fx.status<ThrottleStatus>('v');

@@ -260,6 +260,19 @@ export class ThrottleFilter implements Filter {
 
   // flush, cache and blockStatus are not hooked: they pass straight through.
 
+  /** Leaving the stack: every waiting request goes now, and nothing is limited any more. */
+  release(): void {
+    this.limited[READ] = false;
+    this.limited[WRITE] = false;
+    this.cancelTimer();
+    this.dispatch();
+  }
+
+  /** Live again (or a removal was refused): limits apply as configured. */
+  activate(): void {
+    this.configure(performance.now());
+  }
+
   /** The fast path: true if the request may go now (its tokens are then taken). */
   private admitNow(cls: number, bytes: number): boolean {
     if (!this.limited[cls]) return true;
