@@ -54,6 +54,9 @@ const CONTEXT_IDS: ReadonlyMap<string, number> = new Map([[BASE_ALLOCATION, 1]])
 
 const KNOWN_CLIENT_FLAGS = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
 
+/** How long a client may keep its side open after ABORT was acknowledged. */
+const ABORT_GRACE_MS = 5000;
+
 class ProtocolViolation extends Error {}
 
 export function transmissionFlags(info: DeviceInfo, readOnly: boolean, structured: boolean): number {
@@ -144,6 +147,9 @@ export class Negotiator {
       if (option === Opt.ABORT) {
         this.reply(option, Rep.ACK);
         this.socket.end();
+        // The client MUST now drop the connection; one that keeps its side open is cut off
+        // after a grace period instead of holding the connection forever.
+        setTimeout(() => this.socket.destroy(), ABORT_GRACE_MS).unref();
         return null;
       }
       if (this.opts.isShuttingDown()) {

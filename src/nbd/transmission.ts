@@ -94,9 +94,12 @@ export class TransmissionSession {
   private inFlight = 0;
   private inFlightBytes = 0;
   private sendBlocked = false;
+  private corked = false;
   private shuttingDown = false;
   private socketClosed = false;
   private ended = false;
+  /** The client half-closed: nothing more will arrive, but what did arrive is still served. */
+  private eof = false;
   private resolveDone!: () => void;
   readonly done: Promise<void>;
 
@@ -125,8 +128,12 @@ export class TransmissionSession {
       this.push(chunk);
       this.pump();
     });
-    // The client half-closed: finish what it asked for, then close our side.
-    this.socket.on('end', () => this.beginClose());
+    // The client half-closed: finish everything it sent, including requests still waiting
+    // in the buffer behind the in-flight limits, then close our side (see pump()).
+    this.socket.on('end', () => {
+      this.eof = true;
+      this.pump();
+    });
     this.socket.on('close', () => {
       this.socketClosed = true;
       this.state = 'closing';
@@ -143,6 +150,9 @@ export class TransmissionSession {
   /** Server shutdown: refuse new requests with ESHUTDOWN, close once in-flight work is done. */
   shutdown(): void {
     this.shuttingDown = true;
+    // Requests already received but not yet parsed are answered ESHUTDOWN (validate() says
+    // so), not dropped; the connection closes once nothing is in flight.
+    if (this.state === 'header' || this.state === 'payload' || this.state === 'discard') this.pump();
     if (this.inFlight === 0) this.beginClose();
   }
 
@@ -179,7 +189,16 @@ export class TransmissionSession {
         break;
       }
     }
-    if (this.state === 'header' && this.blocked()) this.socket.pause();
+    if (this.eof && this.state !== 'closing') {
+      // After EOF, wait only while complete requests sit behind the limits (serve() pumps
+      // again as each one finishes); a partial message left over can never complete.
+      const queued =
+        this.state === 'header' && this.blocked() && this.buffered >= REQUEST_HEADER_SIZE;
+      if (!queued) this.beginClose();
+      return;
+    }
+    // At shutdown only what was already received is answered: stop reading for good.
+    if ((this.state === 'header' && this.blocked()) || this.shuttingDown) this.socket.pause();
     else if (!this.socketClosed) this.socket.resume();
   }
 
@@ -318,8 +337,8 @@ export class TransmissionSession {
       if (req.type === Cmd.READ || req.type === Cmd.WRITE) {
         if (req.payload !== null || req.type === Cmd.READ) this.inFlightBytes -= req.length;
       }
+      if (this.state !== 'closing') this.pump();
       if (this.state === 'closing' || this.shuttingDown) this.maybeFinish();
-      else this.pump();
     }
   }
 
@@ -460,8 +479,20 @@ export class TransmissionSession {
 
   private send(buf: Buffer): void {
     if (this.socketClosed || this.socket.destroyed) return;
+    // Replies finished in the same turn of the event loop leave in one writev, not one
+    // syscall each; the socket is uncorked once the turn's I/O callbacks have run.
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
     if (!this.socket.write(buf)) this.sendBlocked = true;
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   private violation(reason: string): void {
     this.logger.warn({ reason }, 'transmission: client violated the protocol, disconnecting');
