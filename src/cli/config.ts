@@ -1,30 +1,49 @@
 /**
- * The daemon's config file (YAML or JSON, which is YAML too): listeners and exports.
- * Every error names the file, the line and the field, so a typo is found at once.
+ * The daemon's config file (YAML or JSON, which is YAML too): listeners, the control socket,
+ * filter modules, and exports with their filter stacks. Every error names the file, the line
+ * and the field, so a typo is found at once.
  *
  *   socket: /run/devfilter/nbd.sock
  *   listen: 127.0.0.1:10809
+ *   control: /run/devfilter/control.sock     # or false
+ *   filterModules: [./my-filter.js]          # relative to this file
  *   defaultExport: disk
  *   exports:
- *     disk: { file: /var/lib/disk.img, create: 10G }
+ *     disk:
+ *       file: /var/lib/disk.img
+ *       create: 10G
+ *       filters:                             # top → bottom
+ *         - type: stats
+ *         - { type: throttle, name: slow, args: { readIops: 100 } }
  *     scratch: { memory: 1G, description: scratch space }
  */
 import { readFile } from 'node:fs/promises';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { Ajv, type ValidateFunction } from 'ajv';
 import { LineCounter, parseDocument, isMap, type Document } from 'yaml';
+import type { FilterTypeRegistry } from '../core/filter-types.js';
 import { parseSize } from '../core/size.js';
-import { validateExportName, type ExportSpec } from './export-spec.js';
+import { ConfigError } from './errors.js';
+import { validateExportName, type ExportSpec, type FilterSpec } from './export-spec.js';
 
 export interface DaemonConfig {
   socket?: string;
   listen: string[];
   defaultExport?: string;
   exports: ExportSpec[];
+  /** The control socket path, or false for none. */
+  control?: string | false;
+  /** Filter modules (paths resolved against the config file's directory, or package names). */
+  filterModules: string[];
 }
 
-export class ConfigError extends Error {}
+export { ConfigError };
 
-const TOP_KEYS = new Set(['socket', 'listen', 'defaultExport', 'exports']);
-const EXPORT_KEYS = new Set(['file', 'memory', 'readOnly', 'direct', 'create', 'description']);
+const TOP_KEYS = new Set(['socket', 'listen', 'control', 'filterModules', 'defaultExport', 'exports']);
+const EXPORT_KEYS = new Set(['file', 'memory', 'readOnly', 'direct', 'create', 'description', 'filters']);
+const FILTER_KEYS = new Set(['type', 'name', 'args']);
+/** Filter names, as the manager accepts them. */
+const FILTER_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export async function loadConfig(path: string): Promise<DaemonConfig> {
   let text: string;
@@ -52,10 +71,27 @@ export function parseConfig(text: string, source: string): DaemonConfig {
   const top = root as Record<string, unknown>;
   for (const key of Object.keys(top)) if (!TOP_KEYS.has(key)) fail([key], `unknown key (expected one of ${[...TOP_KEYS].join(', ')})`);
 
-  const config: DaemonConfig = { listen: [], exports: [] };
+  const config: DaemonConfig = { listen: [], exports: [], filterModules: [] };
   if (top.socket !== undefined) {
     if (typeof top.socket !== 'string' || top.socket === '') fail(['socket'], 'expected a path');
     config.socket = top.socket as string;
+  }
+  if (top.control !== undefined) {
+    if (top.control !== false && (typeof top.control !== 'string' || top.control === '')) {
+      fail(['control'], 'expected a socket path, or false for no control socket');
+    }
+    config.control = top.control as string | false;
+  }
+  if (top.filterModules !== undefined) {
+    const list = Array.isArray(top.filterModules) ? top.filterModules : [top.filterModules];
+    list.forEach((m, i) => {
+      const at = Array.isArray(top.filterModules) ? ['filterModules', i] : ['filterModules'];
+      if (typeof m !== 'string' || m === '') fail(at, 'expected a module path or package name');
+      const spec = m as string;
+      // A path is relative to the config file, wherever the daemon was started.
+      const isPath = spec.startsWith('.') || isAbsolute(spec);
+      config.filterModules.push(isPath ? resolve(dirname(resolve(source)), spec) : spec);
+    });
   }
   if (top.listen !== undefined) {
     const list = Array.isArray(top.listen) ? top.listen : [top.listen];
@@ -107,6 +143,28 @@ export function parseConfig(text: string, source: string): DaemonConfig {
       if (d.direct !== undefined || d.create !== undefined) fail(at(), 'direct and create apply to file exports');
       spec.backend = { type: 'memory', size: size('memory') };
     }
+    if (d.filters !== undefined) {
+      if (!Array.isArray(d.filters)) fail(at('filters'), 'expected a list of filters (top → bottom)');
+      spec.filters = (d.filters as unknown[]).map((f, i) => {
+        const fat = (...rest: (string | number)[]): (string | number)[] => ['exports', name, 'filters', i, ...rest];
+        const locate = (field: (string | number)[]): string => {
+          const path = [...fat(), ...field];
+          return `${where(doc, lines, source, path)}: ${path.join('.')}`;
+        };
+        if (typeof f === 'string') return { type: f, args: {}, locate };
+        if (!isObject(f)) fail(fat(), 'expected a filter: a type name, or a mapping with type, name and args');
+        const fd = f as Record<string, unknown>;
+        for (const key of Object.keys(fd)) if (!FILTER_KEYS.has(key)) fail(fat(key), `unknown key (expected one of ${[...FILTER_KEYS].join(', ')})`);
+        if (typeof fd.type !== 'string' || fd.type === '') fail(fat('type'), 'expected a filter type name');
+        if (fd.name !== undefined && (typeof fd.name !== 'string' || !FILTER_NAME.test(fd.name))) {
+          fail(fat('name'), "expected a filter name: 1-64 letters, digits, '.', '_' or '-'");
+        }
+        if (fd.args !== undefined && fd.args !== null && !isObject(fd.args)) fail(fat('args'), 'expected a mapping of arguments');
+        const filter: FilterSpec = { type: fd.type as string, args: (fd.args as Record<string, unknown> | undefined) ?? {}, locate };
+        if (fd.name !== undefined) filter.name = fd.name as string;
+        return filter;
+      });
+    }
     config.exports.push(spec);
   }
   if (top.defaultExport !== undefined) {
@@ -115,6 +173,49 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     config.defaultExport = top.defaultExport as string;
   }
   return config;
+}
+
+/**
+ * Checks declared filters against the filter types the daemon knows (after filter modules are
+ * loaded): the type exists, names are valid and unique per export, and the arguments match the
+ * type's schema. Errors point at the declaration ("FILE:LINE:COL: exports.disk.filters.0.args.rate").
+ */
+export function checkFilterSpecs(exports: ExportSpec[], registry: FilterTypeRegistry): void {
+  const known = new Map(registry.list().map((t) => [t.name, t]));
+  const ajv = new Ajv({ coerceTypes: true, useDefaults: true, allErrors: false, strict: false });
+  const validators = new Map<string, ValidateFunction>();
+  for (const exp of exports) {
+    const names = new Set<string>();
+    for (const f of exp.filters ?? []) {
+      const fail = (field: (string | number)[], message: string): never => {
+        throw new ConfigError(`${f.locate?.(field) ?? `filter ${f.type} on export ${exp.name}`}: ${message}`);
+      };
+      const type = known.get(f.type);
+      if (!type) fail(['type'], `unknown filter type "${f.type}" (known: ${[...known.keys()].sort().join(', ') || 'none'})`);
+      if (f.name !== undefined) {
+        if (!FILTER_NAME.test(f.name)) fail(['name'], `invalid filter name "${f.name}": 1-64 letters, digits, '.', '_' or '-'`);
+        if (names.has(f.name)) fail(['name'], `a filter named "${f.name}" is already declared on export "${exp.name}"`);
+        names.add(f.name);
+      }
+      let validate = validators.get(f.type);
+      if (!validate) {
+        validate = ajv.compile(type!.argsSchema);
+        validators.set(f.type, validate);
+      }
+      if (!validate(structuredClone(f.args))) {
+        const e = validate.errors![0]!;
+        const field = ['args', ...e.instancePath.split('/').filter((s) => s !== '')];
+        if (e.keyword === 'additionalProperties') {
+          const extra = String((e.params as { additionalProperty: string }).additionalProperty);
+          fail([...field, extra], `unknown argument "${extra}" for ${f.type}`);
+        }
+        if (e.keyword === 'required') {
+          fail(field, `missing argument "${String((e.params as { missingProperty: string }).missingProperty)}" for ${f.type}`);
+        }
+        fail(field, `${e.message ?? 'is invalid'}`);
+      }
+    }
+  }
 }
 
 function isObject(v: unknown): v is Record<string, unknown> {

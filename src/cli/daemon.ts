@@ -1,14 +1,21 @@
 /**
- * Runs the daemon: opens the exports' backends, serves them over NBD, and on SIGTERM/SIGINT
- * drains every connection, flushes and closes every device before exiting.
+ * Runs the daemon: loads filter types, opens the exports' backends and puts their declared
+ * filters on them, opens the control socket, serves the exports over NBD, and on
+ * SIGTERM/SIGINT drains every connection, flushes and closes every device before exiting.
  */
-import { existsSync, unlinkSync } from 'node:fs';
 import net from 'node:net';
 import type { Logger } from 'pino';
-import type { Device } from '../core/device.js';
+import { DeviceManager, ManagerError } from '../core/manager.js';
+import { FilterTypeRegistry } from '../core/filter-types.js';
+import { builtinFilterTypes } from '../filters/index.js';
 import { ExportTable } from '../nbd/exports.js';
 import { NbdServer } from '../nbd/server.js';
+import { ControlServer } from '../control/server.js';
+import { startMetricsServer, type MetricsServer } from '../metrics/server.js';
+import { clearStaleSocket, prepareSocketDir, removeSocketFile } from '../control/socket-path.js';
+import { checkFilterSpecs, ConfigError } from './config.js';
 import { openBackend, type ExportSpec } from './export-spec.js';
+import { VERSION } from './version.js';
 
 export interface DaemonOptions {
   exports: ExportSpec[];
@@ -20,37 +27,82 @@ export interface DaemonOptions {
   readOnly: boolean;
   allowList: boolean;
   logger: Logger;
+  /** ES module paths or package names with external filter types. */
+  filterModules?: string[];
+  /** The control socket (JSON-RPC); none when undefined. */
+  control?: string;
+  /**
+   * The control path is the built-in default rather than asked for: its directory is checked
+   * for ownership, and when another daemon already answers there, this one runs without a
+   * control socket (with a warning) instead of failing.
+   */
+  controlIsDefault?: boolean;
+  /** Serve Prometheus metrics of the stats filters over HTTP here. */
+  metrics?: { host: string; port: number };
 }
 
 export interface RunningDaemon {
   server: NbdServer;
+  manager: DeviceManager;
   /** Where TCP listeners actually listen (port 0 picks a free one). */
   tcp: { host: string; port: number }[];
+  /** The control socket this daemon listens on, if any. */
+  control?: { path: string; server: ControlServer };
+  /** The metrics endpoint, if any (port 0 picks a free port: this is the real one). */
+  metrics?: { host: string; port: number };
   stop(): Promise<void>;
   stopped: Promise<void>;
 }
 
 export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const log = opts.logger;
+  const types = new FilterTypeRegistry();
+  for (const t of builtinFilterTypes) types.register(t);
+  for (const m of opts.filterModules ?? []) {
+    let loaded;
+    try {
+      loaded = await types.load(m);
+    } catch (err) {
+      throw new ConfigError(`--filter-module: ${(err as Error).message}`);
+    }
+    log.info({ module: m, types: loaded.map((t) => t.name) }, 'filter module loaded');
+  }
+  // Declared filters are checked before anything is opened, so a typo costs nothing.
+  checkFilterSpecs(opts.exports, types);
+  const manager = new DeviceManager(types, log);
   const table = new ExportTable();
-  const devices: Device[] = [];
   try {
     for (const spec of opts.exports) {
       const readOnly = opts.readOnly || spec.readOnly === true;
       const device = await openBackend(spec.backend, readOnly);
-      devices.push(device);
-      table.add({
-        name: spec.name,
-        device,
-        readOnly,
-        ...(spec.description !== undefined ? { description: spec.description } : {}),
-      });
+      const description = spec.description !== undefined ? { description: spec.description } : {};
+      const exp = manager.addExport(spec.name, device, { readOnly, backendLabel: backendLabel(spec), ...description });
+      // The NBD layer sees the live stack: filters come and go beneath it.
+      table.add({ name: spec.name, device: exp.stack, readOnly, ...description });
       log.info({ export: spec.name, backend: spec.backend, size: device.info().size, readOnly }, 'export ready');
     }
     if (opts.defaultExport !== undefined) table.setDefault(opts.defaultExport);
     else if (opts.exports.length === 1) table.setDefault(opts.exports[0]!.name);
+    // Declared filters go on before any client can connect, top → bottom.
+    for (const spec of opts.exports) {
+      for (const f of spec.filters ?? []) {
+        try {
+          const created = await manager.createFilter(spec.name, f.type, {
+            args: f.args,
+            position: { at: 'bottom' },
+            ...(f.name !== undefined ? { name: f.name } : {}),
+          });
+          log.info({ export: spec.name, filter: created.name, type: f.type }, 'filter created');
+        } catch (err) {
+          const where = f.locate?.([]) ?? `export ${spec.name}: filter ${f.type}`;
+          const message = `${where}: ${(err as Error).message}`;
+          if (err instanceof ManagerError && (err.code === 'invalid' || err.code === 'exists')) throw new ConfigError(message);
+          throw new Error(message, { cause: err });
+        }
+      }
+    }
   } catch (err) {
-    await Promise.allSettled(devices.map((d) => d.close()));
+    await manager.close();
     throw err;
   }
 
@@ -61,15 +113,18 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
       log.info('shutting down: draining connections');
+      if (control !== undefined) await control.server.close();
+      if (metrics !== undefined) await metrics.close().catch((err: unknown) => log.error({ err }, 'closing the metrics endpoint failed'));
       await server.close();
-      for (const d of devices) {
+      for (const exp of manager.exports()) {
         try {
-          if (d.info().caps.flush && !d.info().caps.readOnly) await d.flush(0);
-          await d.close();
+          const caps = exp.stack.info().caps;
+          if (caps.flush && !caps.readOnly) await exp.stack.flush(0);
         } catch (err) {
-          log.error({ err }, 'closing a device failed');
+          log.error({ err, export: exp.name }, 'final flush failed');
         }
       }
+      await manager.close();
       if (ownSocket !== undefined) removeSocketFile(ownSocket);
       log.info('stopped');
       resolveStopped();
@@ -79,7 +134,14 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
 
   const tcp: { host: string; port: number }[] = [];
   let ownSocket: string | undefined; // removed at exit only if this daemon created it
+  let control: { path: string; server: ControlServer } | undefined;
+  let metrics: MetricsServer | undefined;
   try {
+    if (opts.metrics !== undefined) {
+      metrics = await startMetricsServer({ manager, host: opts.metrics.host, port: opts.metrics.port, logger: log.child({ component: 'metrics' }) });
+    }
+    // Control first: once clients can connect over NBD, commands work too.
+    if (opts.control !== undefined) control = await startControl(opts, manager, server, types, log);
     for (const fd of activationFds()) {
       await server.listen({ fd });
       log.info({ fd }, 'listening on an inherited socket (socket activation)');
@@ -104,7 +166,53 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     const socket = new net.Socket({ fd: 0, readable: true, writable: true, allowHalfOpen: true });
     void server.adopt(socket, { transport: 'stdio' }).then(() => stop());
   }
-  return { server, tcp, stop, stopped };
+  return {
+    server,
+    manager,
+    tcp,
+    ...(control !== undefined ? { control } : {}),
+    ...(metrics !== undefined ? { metrics: { host: opts.metrics!.host, port: metrics.port } } : {}),
+    stop,
+    stopped,
+  };
+}
+
+async function startControl(
+  opts: DaemonOptions,
+  manager: DeviceManager,
+  server: NbdServer,
+  types: FilterTypeRegistry,
+  log: Logger,
+): Promise<{ path: string; server: ControlServer } | undefined> {
+  const path = opts.control!;
+  const isDefault = opts.controlIsDefault === true;
+  const control = new ControlServer(
+    {
+      manager,
+      version: VERSION,
+      startedAt: Date.now(),
+      nbdConnections: () => server.connectionCount,
+      loadModule: async (spec, cwd) => {
+        const loaded = await types.load(spec, cwd);
+        log.info({ module: spec, types: loaded.map((t) => t.name) }, 'filter module loaded');
+        return loaded.map((t) => t.name);
+      },
+    },
+    { logger: log.child({ component: 'control' }) },
+  );
+  try {
+    prepareSocketDir(path, { strict: isDefault });
+    await control.listen(path);
+  } catch (err) {
+    await control.close().catch(() => undefined);
+    if (isDefault && (err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
+      log.warn({ control: path }, 'another daemon answers on the default control socket; running without one (use --control PATH)');
+      return undefined;
+    }
+    throw new Error(`control socket ${path}: ${(err as Error).message}`, { cause: err });
+  }
+  log.info({ control: path }, 'control socket ready');
+  return { path, server: control };
 }
 
 /** systemd-style socket activation: LISTEN_PID is us, LISTEN_FDS listening sockets from fd 3. */
@@ -116,29 +224,6 @@ function activationFds(): number[] {
   delete process.env.LISTEN_FDS;
   delete process.env.LISTEN_FDNAMES;
   return Array.from({ length: count }, (_, i) => 3 + i);
-}
-
-/** A socket file left by a daemon that died is removed; one that still answers is an error. */
-async function clearStaleSocket(path: string): Promise<void> {
-  if (!existsSync(path)) return;
-  const alive = await new Promise<boolean>((resolve) => {
-    const probe = net.connect(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', () => resolve(false));
-  });
-  if (alive) throw new Error(`socket ${path} is in use by another server`);
-  unlinkSync(path);
-}
-
-function removeSocketFile(path: string): void {
-  try {
-    unlinkSync(path);
-  } catch {
-    // already gone
-  }
 }
 
 /** Stops the daemon on SIGTERM or SIGINT; a second signal exits at once. */
@@ -155,4 +240,8 @@ export function stopOnSignals(daemon: RunningDaemon, log: Logger): void {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+}
+
+function backendLabel(spec: ExportSpec): string {
+  return spec.backend.type === 'file' ? `file:${spec.backend.path}` : `memory:${spec.backend.size}`;
 }

@@ -4,8 +4,6 @@
  */
 import type { Device } from '../core/device.js';
 import { parseSize } from '../core/size.js';
-import { FileBackend } from '../backends/file.js';
-import { MemoryBackend } from '../backends/memory.js';
 
 export type BackendSpec =
   | { type: 'file'; path: string; direct?: boolean; create?: number }
@@ -16,6 +14,20 @@ export interface ExportSpec {
   backend: BackendSpec;
   readOnly?: boolean;
   description?: string;
+  /** Filters to put on the export at start, top → bottom. */
+  filters?: FilterSpec[];
+}
+
+/** A filter declared at start (config file or `--filter`). */
+export interface FilterSpec {
+  type: string;
+  name?: string;
+  args: Record<string, unknown>;
+  /**
+   * Where the declaration is, for error messages: "FILE:LINE:COL: exports.disk.filters.0.args.rate"
+   * for a field path below the declaration (e.g. ['args', 'rate']).
+   */
+  locate?: (field: (string | number)[]) => string;
 }
 
 export const EXPORT_SPEC_HELP =
@@ -71,7 +83,12 @@ function splitOption(option: string): [string, string | undefined] {
 }
 
 export async function openBackend(spec: BackendSpec, readOnly: boolean): Promise<Device> {
-  if (spec.type === 'memory') return new MemoryBackend({ size: spec.size, readOnly });
+  // Loaded here, not at the top: client commands parse export specs' module but open nothing.
+  if (spec.type === 'memory') {
+    const { MemoryBackend } = await import('../backends/memory.js');
+    return new MemoryBackend({ size: spec.size, readOnly });
+  }
+  const { FileBackend } = await import('../backends/file.js');
   return FileBackend.open(spec.path, {
     readOnly,
     direct: spec.direct === true,

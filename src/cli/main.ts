@@ -1,22 +1,26 @@
 #!/usr/bin/env node
 /**
- * The `devfilter` command. Exit codes: 0 success, 1 runtime failure, 2 usage error.
+ * The `devfilter` command: `serve` and `demo` run a daemon; `filter …`, `status`, `export …`
+ * and `events` talk to a running one over its control socket.
+ *
+ * Exit codes: 0 success, 1 runtime failure (or the daemon failed the request), 2 usage error
+ * or invalid arguments, 3 not found, 4 cannot reach the daemon.
  */
 import { mkdirSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { parseSize, formatSize } from '../core/size.js';
-import { loadConfig, ConfigError } from './config.js';
-import { startDaemon, stopOnSignals, type DaemonOptions } from './daemon.js';
-import { EXPORT_SPEC_HELP, parseExportSpec, type ExportSpec } from './export-spec.js';
+import { builtinControlPath, CONTROL_ENV } from '../control/socket-path.js';
+import { FILTER_OPTION_HELP, parseFilterOption } from './args.js';
+import type { DaemonOptions } from './daemon.js';
+import { ConfigError } from './errors.js';
+import { EXPORT_SPEC_HELP, parseExportSpec, type ExportSpec, type FilterSpec } from './export-spec.js';
+import { addClientCommands } from './filter-commands.js';
 import { parseListenAddress } from './listen-address.js';
-import { createLogger, LOG_LEVELS } from './logger.js';
-
-const EXIT_FAILURE = 1;
-const EXIT_USAGE = 2;
-
-class UsageError extends Error {}
+import type { Level } from 'pino';
+import { EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, ExitError, UsageError } from './output.js';
+import { VERSION } from './version.js';
 
 function collect<T>(parse: (v: string) => T) {
   return (value: string, previous: T[] = []): T[] => {
@@ -36,15 +40,21 @@ function sizeArg(value: string): number {
   }
 }
 
+// The daemon's modules (NBD server, backends, filters, pino, yaml) are loaded only by the
+// commands that run a daemon, so that client commands start quickly.
+const LOG_LEVELS: Level[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'];
+const createLogger = async (level: string): Promise<import('pino').Logger> => (await import('./logger.js')).createLogger(level);
+
 const logLevelOption = (): Option =>
   new Option('--log-level <level>', 'log verbosity (JSON logs on stderr)').choices(LOG_LEVELS).default('info');
 
 function program(): Command {
   const cmd = new Command('devfilter')
     .description('Block-device filters in user space, served over NBD')
-    .version(process.env.npm_package_version ?? '0.1.0')
+    .version(VERSION)
     .showHelpAfterError()
-    .exitOverride();
+    .exitOverride()
+    .addHelpText('after', EXIT_CODES_HELP);
 
   cmd
     .command('serve')
@@ -59,6 +69,17 @@ function program(): Command {
     .option('-r, --read-only', 'serve every export read-only', false)
     .option('--stdio', 'serve one client on stdin/stdout (a connected socket), then exit', false)
     .option('--no-list', 'refuse to list exports to clients (NBD_OPT_LIST)')
+    .option('--control <path>', `the control socket, mode 0600 (default: $${CONTROL_ENV}, else ${builtinControlPath()})`)
+    .option('--no-control', 'no control socket: the filter stacks are fixed at start')
+    .option('--filter-module <spec>', 'load filter types from an ES module path or an installed package (repeatable)', collect(String))
+    .option('-f, --filter <spec>', `put a filter on an export at start: ${FILTER_OPTION_HELP}; the key name names it (repeatable; top → bottom, below the config file's)`, collect(parseFilterOption))
+    .option('--metrics <host:port>', 'serve Prometheus metrics of the stats filters over HTTP', (v: string) => {
+      try {
+        return parseListenAddress(v);
+      } catch (err) {
+        throw new InvalidArgumentError((err as Error).message);
+      }
+    })
     .addOption(logLevelOption())
     .addHelpText(
       'after',
@@ -66,10 +87,16 @@ function program(): Command {
 Socket activation: when started with LISTEN_PID/LISTEN_FDS set (systemd, or libnbd's
 "nbdinfo -- [ devfilter serve ... ]"), the inherited sockets are served too.
 
+The control socket takes the commands of "devfilter filter …", "devfilter status" and
+"devfilter events". With the default path, a second daemon whose default socket is taken runs
+without one (and says so); give each daemon its own --control PATH to run several side by side.
+--stdio runs without a control socket unless --control is given.
+
 Examples:
   devfilter serve --export disk=file:/var/lib/disk.img --socket /run/devfilter.sock
-  devfilter serve --export scratch=memory:1G --listen 127.0.0.1:10809
-  devfilter serve --config /etc/devfilter.yaml`,
+  devfilter serve --export scratch=memory:1G --listen 127.0.0.1:10809 --filter scratch:stats
+  devfilter serve --config /etc/devfilter.yaml --control /run/devfilter/disk.sock
+  devfilter serve -e disk=memory:1G --filter-module ./my-filter.js --filter disk:my-filter:level=3`,
     )
     .action(async (o) => {
       if (o.export === undefined && o.config === undefined) {
@@ -80,17 +107,28 @@ Examples:
       let socket: string | undefined = o.socket;
       let listen: { host: string; port: number }[] = o.listen ?? [];
       let defaultExport: string | undefined = o.defaultExport;
+      const filterModules: string[] = [...(o.filterModule ?? [])];
+      // --control PATH, --no-control (false), or nothing (undefined).
+      let control: string | false | undefined = o.control === true ? undefined : o.control;
       if (o.config !== undefined) {
+        const { loadConfig } = await import('./config.js');
         const config = await loadConfig(o.config);
         exports.push(...config.exports);
         socket ??= config.socket;
         if (listen.length === 0) listen = config.listen.map(parseListenAddress);
         defaultExport ??= config.defaultExport;
+        control ??= config.control;
+        filterModules.unshift(...config.filterModules);
       }
       const names = new Set<string>();
       for (const e of exports) {
         if (names.has(e.name)) throw new UsageError(`export ${JSON.stringify(e.name)} is defined twice`);
         names.add(e.name);
+      }
+      for (const { export: name, filter } of (o.filter ?? []) as { export: string; filter: FilterSpec }[]) {
+        const target = exports.find((e) => e.name === name);
+        if (!target) throw new UsageError(`--filter ${name}:${filter.type}: no export named ${JSON.stringify(name)}`);
+        (target.filters ??= []).push(filter);
       }
       if (defaultExport !== undefined && !names.has(defaultExport)) {
         throw new UsageError(`--default-export: no export named ${JSON.stringify(defaultExport)}`);
@@ -107,9 +145,14 @@ Examples:
         stdio: o.stdio,
         readOnly: o.readOnly,
         allowList: o.list,
-        logger: createLogger(o.logLevel),
+        logger: await createLogger(o.logLevel),
+        filterModules: filterModules.map((m) => (m.startsWith('.') ? resolve(m) : m)),
+        ...controlOptions(control, o.stdio === true),
+        ...(o.metrics !== undefined ? { metrics: o.metrics as { host: string; port: number } } : {}),
       });
     });
+
+  addClientCommands(cmd);
 
   cmd
     .command('demo')
@@ -125,12 +168,23 @@ Examples:
   return cmd;
 }
 
+/** Where the daemon's control socket goes: asked for, $DEVFILTER_CONTROL, or the default. */
+function controlOptions(control: string | false | undefined, stdio: boolean): Pick<DaemonOptions, 'control' | 'controlIsDefault'> {
+  if (control === false) return {};
+  if (control !== undefined) return { control: resolve(control) };
+  const fromEnv = process.env[CONTROL_ENV];
+  if (fromEnv !== undefined && fromEnv !== '') return { control: resolve(fromEnv) };
+  if (stdio) return {}; // one short-lived daemon per client: no default socket to fight over
+  return { control: builtinControlPath(), controlIsDefault: true };
+}
+
 function defaultDataDir(): string {
   const base = process.env.XDG_DATA_HOME ?? join(homedir(), '.local', 'share');
   return join(base, 'devfilter', 'demo');
 }
 
 async function runDaemon(opts: DaemonOptions): Promise<void> {
+  const { startDaemon, stopOnSignals } = await import('./daemon.js');
   const daemon = await startDaemon(opts);
   stopOnSignals(daemon, opts.logger);
   await daemon.stopped;
@@ -142,7 +196,8 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
   const image = join(dataDir, 'demo.img');
   const socket = join(dataDir, 'nbd.sock');
   const size = o.size ?? 1024 ** 3;
-  const logger = createLogger(o.logLevel);
+  const logger = await createLogger(o.logLevel);
+  const { startDaemon, stopOnSignals } = await import('./daemon.js');
   const tcp = o.listen === undefined ? [] : [parseListenAddress(o.listen)];
   const opts: DaemonOptions = {
     exports: [{ name: 'demo', description: 'devfilter demo image', backend: { type: 'file', path: image, create: size } }],
@@ -153,6 +208,7 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
     readOnly: false,
     allowList: true,
     logger,
+    ...controlOptions(undefined, false),
   };
   let daemon;
   try {
@@ -168,6 +224,7 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
     `devfilter demo: serving export "demo" (${realSize} sparse image ${image})`,
     `  unix socket: ${socket}`,
     ...daemon.tcp.map((t) => `  TCP:         nbd://${t.host}:${t.port}/demo`),
+    ...(daemon.control !== undefined ? [`  control:     ${daemon.control.path}`] : []),
     '',
     'Try it from another terminal:',
     `  nbdinfo '${uri}'`,
@@ -175,6 +232,13 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
     `  qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '${uri}'`,
     `  qemu-img convert -p -O qcow2 '${uri}' /tmp/demo-copy.qcow2`,
     `  nbdcopy '${uri}' /tmp/demo-copy.raw`,
+    ...(daemon.control !== undefined
+      ? [
+          `  devfilter filter types --control ${daemon.control.path}`,
+          `  devfilter filter create demo stats --control ${daemon.control.path}`,
+          `  devfilter status --control ${daemon.control.path}`,
+        ]
+      : []),
     ...(daemon.tcp.length > 0
       ? [`  nbd-client -N demo ${daemon.tcp[0]!.host} ${daemon.tcp[0]!.port} /dev/nbd0   # as root, after modprobe nbd`]
       : []),
@@ -191,6 +255,7 @@ async function main(argv: string[]): Promise<number> {
     await program().parseAsync(argv);
     return 0;
   } catch (err) {
+    if (err instanceof ExitError) return err.exitCode; // reported already
     if (err instanceof CommanderError) {
       // Help and version end here with exit code 0; argument errors were already printed.
       return err.exitCode === 0 ? 0 : EXIT_USAGE;

@@ -117,7 +117,7 @@ export async function spawnDaemon(args: string[], opts: { socket?: string; env?:
   };
 }
 
-function canConnect(path: string): Promise<boolean> {
+export function canConnect(path: string): Promise<boolean> {
   return new Promise((resolve) => {
     const s = net.connect(path);
     s.once('connect', () => {

@@ -1,0 +1,247 @@
+/**
+ * Crash harness: runs `devfilter serve` as a child process, drives a seeded random workload
+ * through a real NBD client (writes with and without FUA, flushes, trims, zeroes), records
+ * what was acknowledged, kills the daemon with SIGKILL at a random moment — optionally while
+ * another client churns the filter stack through the control plane — restarts it and checks
+ * that every write that was durable (FUA, or acknowledged before a completed FLUSH) is there.
+ *
+ * Blocks are never written concurrently with themselves, so each block's possible contents
+ * after the crash are exactly: its last durable version or any version written after it.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { NbdClient } from '../../src/nbd/client.js';
+import { RequestFlags } from '../../src/core/device.js';
+import { callOnce } from '../../src/control/client.js';
+import { CLI, canConnect, tempDir } from '../helpers/server.js';
+
+export const BLOCK = 4096;
+
+export interface RoundOptions {
+  seed: number;
+  /** Export size in blocks. */
+  blocks?: number;
+  /** Filters declared in the config file, top → bottom. */
+  filters?: Array<{ type: string; name?: string; args?: Record<string, unknown> }>;
+  /** Create and remove filters through the control plane while the workload runs. */
+  churn?: boolean;
+  /** Requests in flight at once. */
+  depth?: number;
+  /** Kill after this many ms (default: seeded, 100–600). */
+  killAfterMs?: number;
+}
+
+export interface RoundResult {
+  seed: number;
+  requests: number;
+  acknowledged: number;
+  durableBlocks: number;
+  stackChanges: number;
+  lost: string[];
+}
+
+/** mulberry32: small, seedable, good enough to pick offsets and sizes. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** What a block may hold: a version's data, zeros, or anything (after a trim). */
+type Content = { kind: 'data'; version: number } | { kind: 'zero' } | { kind: 'any' };
+
+interface Version {
+  content: Content;
+  acked: boolean;
+}
+
+/** Block content of a version: a header naming block and version, then filler from both. */
+function blockData(block: number, version: number): Buffer {
+  const buf = Buffer.allocUnsafe(BLOCK);
+  for (let i = 0; i < BLOCK; i += 8) {
+    buf.writeUInt32LE(block, i);
+    buf.writeUInt32LE(version, i + 4);
+  }
+  return buf;
+}
+
+function matches(actual: Buffer, block: number, c: Content): boolean {
+  if (c.kind === 'any') return true;
+  if (c.kind === 'zero') return actual.every((b) => b === 0);
+  return actual.equals(blockData(block, c.version));
+}
+
+interface Daemon {
+  child: ChildProcess;
+  exited: Promise<void>;
+  stderr: () => string;
+}
+
+async function startDaemon(dir: string, image: string, blocks: number, opts: RoundOptions): Promise<Daemon> {
+  const config = join(dir, 'devfilter.yaml');
+  const socket = join(dir, 'nbd.sock');
+  writeFileSync(
+    config,
+    JSON.stringify({
+      socket,
+      control: join(dir, 'control.sock'),
+      exports: { disk: { file: image, create: blocks * BLOCK, filters: opts.filters ?? [] } },
+    }),
+  );
+  const child = spawn(process.execPath, [CLI, 'serve', '--config', config, '--log-level', 'warn'], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let err = '';
+  child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const deadline = Date.now() + 20_000;
+  // After a kill -9 the old socket files are still there: wait until the new daemon answers.
+  while (!(await canConnect(socket)) || !(await canConnect(join(dir, 'control.sock')))) {
+    if (child.exitCode !== null) throw new Error(`daemon exited ${child.exitCode}: ${err}`);
+    if (Date.now() > deadline) throw new Error(`daemon did not start: ${err}`);
+    await sleep(20);
+  }
+  return { child, exited, stderr: () => err };
+}
+
+export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
+  const rand = prng(opts.seed);
+  const blocks = opts.blocks ?? 256;
+  const depth = opts.depth ?? 8;
+  const dir = tempDir('devfilter-crash-');
+  const image = join(dir.path, 'disk.img');
+  const uri = `nbd+unix:///disk?socket=${join(dir.path, 'nbd.sock')}`;
+  const history: Version[][] = Array.from({ length: blocks }, () => []);
+  /** Index in history[b] of the newest version known durable (-1: the initial zeros). */
+  const durable = new Int32Array(blocks).fill(-1);
+  const busy = new Uint8Array(blocks);
+  let nextVersion = 1;
+  let requests = 0;
+  let acknowledged = 0;
+  let stackChanges = 0;
+  let daemon: Daemon | undefined;
+  try {
+    daemon = await startDaemon(dir.path, image, blocks, opts);
+    const client = await NbdClient.fromUri(uri);
+    let killed = false;
+    const killAfter = opts.killAfterMs ?? 100 + Math.floor(rand() * 500);
+    const killer = sleep(killAfter).then(() => {
+      killed = true;
+      daemon!.child.kill('SIGKILL');
+    });
+
+    const churn = async (): Promise<void> => {
+      const control = join(dir.path, 'control.sock');
+      const types = ['stats', 'fault', 'throttle'];
+      for (let i = 0; !killed; i++) {
+        const type = types[i % types.length]!;
+        const args = type === 'throttle' ? { iops: 1_000_000 } : {};
+        try {
+          await callOnce(control, 'filter.create', { export: 'disk', type, name: `churn-${i}`, args });
+          await callOnce(control, 'filter.remove', { export: 'disk', name: `churn-${i}` });
+          stackChanges += 2;
+        } catch {
+          return; // the daemon is gone
+        }
+      }
+    };
+
+    /** One request on a free run of blocks; returns once it settles (either way). */
+    const oneRequest = async (): Promise<void> => {
+      const count = 1 + Math.floor(rand() * 4);
+      const first = Math.floor(rand() * (blocks - count));
+      for (let b = first; b < first + count; b++) if (busy[b]) return;
+      const roll = rand();
+      if (roll < 0.08) {
+        // FLUSH: everything acknowledged before it was sent is durable once it completes.
+        const covered = history.map((h) => h.findLastIndex((v) => v.acked));
+        requests++;
+        await client.flush();
+        acknowledged++;
+        covered.forEach((i, b) => {
+          if (i > durable[b]!) durable[b] = i;
+        });
+        return;
+      }
+      for (let b = first; b < first + count; b++) busy[b] = 1;
+      try {
+        const fua = rand() < 0.3;
+        const flags = fua ? RequestFlags.FUA : 0;
+        const added: Array<[number, Version]> = [];
+        let send: () => Promise<void>;
+        if (roll < 0.75) {
+          const data = Buffer.allocUnsafe(count * BLOCK);
+          for (let b = first; b < first + count; b++) {
+            const version = nextVersion++;
+            blockData(b, version).copy(data, (b - first) * BLOCK);
+            added.push([b, { content: { kind: 'data', version }, acked: false }]);
+          }
+          send = () => client.write(first * BLOCK, data, flags);
+        } else if (roll < 0.88) {
+          for (let b = first; b < first + count; b++) added.push([b, { content: { kind: 'zero' }, acked: false }]);
+          send = () => client.writeZeroes(first * BLOCK, count * BLOCK, flags);
+        } else {
+          for (let b = first; b < first + count; b++) added.push([b, { content: { kind: 'any' }, acked: false }]);
+          send = () => client.trim(first * BLOCK, count * BLOCK, flags);
+        }
+        for (const [b, v] of added) history[b]!.push(v);
+        requests++;
+        await send();
+        acknowledged++;
+        for (const [b, v] of added) {
+          v.acked = true;
+          if (fua) durable[b] = history[b]!.indexOf(v);
+        }
+      } finally {
+        for (let b = first; b < first + count; b++) busy[b] = 0;
+      }
+    };
+
+    const worker = async (): Promise<void> => {
+      while (!killed) {
+        try {
+          await oneRequest();
+        } catch {
+          return; // connection gone: the outcome of that request is unknown, as recorded
+        }
+      }
+    };
+    await Promise.all([...Array.from({ length: depth }, worker), opts.churn ? churn() : Promise.resolve(), killer]);
+    await client.close();
+    await daemon.exited;
+
+    // Restart on the same file and check every block.
+    daemon = await startDaemon(dir.path, image, blocks, opts);
+    const reader = await NbdClient.fromUri(uri);
+    const lost: string[] = [];
+    let durableBlocks = 0;
+    for (let b = 0; b < blocks; b++) {
+      const actual = await reader.read(b * BLOCK, BLOCK);
+      const from = durable[b]!;
+      if (from >= 0) durableBlocks++;
+      const candidates: Content[] = from < 0 ? [{ kind: 'zero' }] : [];
+      for (const v of history[b]!.slice(Math.max(from, 0))) candidates.push(v.content);
+      if (!candidates.some((c) => matches(actual, b, c))) {
+        lost.push(
+          `block ${b}: durable version ${JSON.stringify(history[b]![from]?.content ?? 'initial zeros')} ` +
+            `missing (found block ${actual.readUInt32LE(0)} version ${actual.readUInt32LE(4)})`,
+        );
+      }
+    }
+    await reader.disconnect();
+    return { seed: opts.seed, requests, acknowledged, durableBlocks, stackChanges, lost };
+  } finally {
+    if (daemon && daemon.child.exitCode === null) {
+      daemon.child.kill('SIGKILL');
+      await daemon.exited;
+    }
+    dir.cleanup();
+  }
+}
