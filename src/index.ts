@@ -10,3 +10,7 @@ export { MemoryBackend } from './backends/memory.js';
 export { FileBackend } from './backends/file.js';
 export { ExportTable, type NbdExport, type ExportSource } from './nbd/exports.js';
 export { NbdServer, type NbdServerOptions } from './nbd/server.js';
+export { builtinFilterTypes } from './filters/index.js';
+export * from './control/index.js';
+export * from './metrics/index.js';
+export { NbdClient, parseNbdUri } from './nbd/client.js';
