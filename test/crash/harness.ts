@@ -132,10 +132,16 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
     const client = await NbdClient.fromUri(uri);
     let killed = false;
     const killAfter = opts.killAfterMs ?? 100 + Math.floor(rand() * 500);
-    const killer = sleep(killAfter).then(() => {
-      killed = true;
-      daemon!.child.kill('SIGKILL');
-    });
+    // With churn, the clock starts at the first stack change, so every round kills the daemon
+    // with the stack changing, however slowly a loaded machine gets there.
+    let firstChange!: () => void;
+    const changing = new Promise<void>((resolve) => (firstChange = resolve));
+    const killer = (opts.churn ? changing : Promise.resolve())
+      .then(() => sleep(killAfter))
+      .then(() => {
+        killed = true;
+        daemon!.child.kill('SIGKILL');
+      });
 
     const churn = async (): Promise<void> => {
       const control = join(dir.path, 'control.sock');
@@ -145,9 +151,15 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
         const args = type === 'throttle' ? { iops: 1_000_000 } : {};
         try {
           await callOnce(control, 'filter.create', { export: 'disk', type, name: `churn-${i}`, args });
+          stackChanges++;
+          firstChange();
           await callOnce(control, 'filter.remove', { export: 'disk', name: `churn-${i}` });
-          stackChanges += 2;
-        } catch {
+          stackChanges++;
+        } catch (err) {
+          if (!killed) {
+            firstChange(); // do not hold the kill back on a failure we report below
+            throw err;
+          }
           return; // the daemon is gone
         }
       }

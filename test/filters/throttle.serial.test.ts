@@ -1,10 +1,11 @@
 /**
- * The throttle filter through real NBD connections: measured IOPS and bytes/s within 10% of
+ * Timing-sensitive, so it runs alone after the rest of the suite (".serial" in the name, see
+ * scripts/run-tests.js). The throttle filter through real NBD connections: measured IOPS and bytes/s within 10% of
  * the limits, a fair share for two connections (one greedy), limits changed live, queued
  * requests released when a limit is lifted, and validation.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import { KiB, MiB, pattern, startFixture, type Fixture } from './fixture.js';
 
 interface ThrottleStatus {
@@ -45,6 +46,10 @@ describe('throttle filter', () => {
   });
   after(async () => {
     await fx.close();
+  });
+  // A failed assertion must not leave its throttle behind for the next test.
+  afterEach(async () => {
+    await fx.manager.removeAll('mem');
   });
 
   test('IOPS and bytes/s limits hold within 10%', async (t) => {
