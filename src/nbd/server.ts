@@ -7,6 +7,7 @@ import net from 'node:net';
 import type { Logger } from 'pino';
 import type { ClientInfo, IoContext } from '../core/device.js';
 import type { ExportSource } from './exports.js';
+import { BufferPool } from './buffer-pool.js';
 import { Negotiator } from './handshake.js';
 import {
   DEFAULT_TRANSMISSION_LIMITS,
@@ -26,6 +27,10 @@ export interface NbdServerOptions {
   limits?: Partial<TransmissionLimits>;
 }
 
+/** Payload buffers up to this size are reused; at most POOL_FREE_BYTES are kept idle. */
+const MAX_POOLED_BUFFER = 8 * 1024 * 1024 + 64;
+const POOL_FREE_BYTES = 64 * 1024 * 1024;
+
 interface Connection {
   readonly id: number;
   readonly socket: net.Socket;
@@ -39,6 +44,8 @@ export class NbdServer {
   private nextId = 1;
   private shuttingDown = false;
   private readonly limits: TransmissionLimits;
+  /** Large payload buffers, shared by every connection (one thread: no locking needed). */
+  private readonly pool = new BufferPool(MAX_POOLED_BUFFER, POOL_FREE_BYTES);
 
   constructor(private readonly opts: NbdServerOptions) {
     this.limits = { ...DEFAULT_TRANSMISSION_LIMITS, ...opts.limits };
@@ -121,7 +128,7 @@ export class NbdServer {
     }
     log.info({ export: negotiated.export.name, structured: negotiated.structuredReplies }, 'export opened');
     const ctx: IoContext = { exportName: negotiated.export.name, client };
-    const session = new TransmissionSession(socket, negotiated, ctx, this.limits, log);
+    const session = new TransmissionSession(socket, negotiated, ctx, this.limits, log, this.pool);
     const conn = this.connections.get(id);
     if (conn) conn.session = session;
     session.start();

@@ -11,6 +11,7 @@ import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import { ExtentState, RequestFlags, type Device, type Extent, type IoContext } from '../core/device.js';
 import { assert, toDeviceError } from '../core/errors.js';
+import type { BufferPool } from './buffer-pool.js';
 import type { Negotiated } from './handshake.js';
 import {
   BASE_ALLOCATION,
@@ -61,6 +62,8 @@ interface Request {
   offset: number;
   length: number;
   payload: Buffer | null;
+  /** The payload came from the buffer pool and goes back to it when the request is done. */
+  pooled: boolean;
 }
 
 class RequestRejected extends Error {
@@ -109,6 +112,7 @@ export class TransmissionSession {
     private readonly ctx: IoContext,
     private readonly limits: TransmissionLimits,
     private readonly logger: Logger,
+    private readonly pool: BufferPool,
   ) {
     this.device = session.export.device;
     this.structured = session.structuredReplies;
@@ -179,7 +183,10 @@ export class TransmissionSession {
       } else if (this.state === 'payload') {
         const req = this.pending!;
         if (this.buffered < req.length) break;
-        req.payload = this.take(req.length, null);
+        // A payload inside one chunk is used in place; one spread over chunks is gathered
+        // into a pooled buffer.
+        req.pooled = this.chunks[0]!.length < req.length;
+        req.payload = this.take(req.length, req.pooled ? this.pool.acquire(req.length) : null);
         this.pending = undefined;
         this.state = 'header';
         this.dispatch(req);
@@ -217,6 +224,7 @@ export class TransmissionSession {
       offset: offsetHi < 0x200000 ? offsetHi * 0x1_0000_0000 + h.readUInt32BE(20) : -1,
       length: h.readUInt32BE(24),
       payload: null,
+      pooled: false,
     };
     if (req.type === Cmd.WRITE) {
       if (req.length > this.maxPayload) {
@@ -333,6 +341,8 @@ export class TransmissionSession {
         this.replyError(req, NbdErr[de.errno], de.message);
       }
     } finally {
+      // Devices and filters do not keep request buffers past completion (docs/filter-api.md).
+      if (req.pooled) this.pool.release(req.payload!);
       this.inFlight--;
       if (req.type === Cmd.READ || req.type === Cmd.WRITE) {
         if (req.payload !== null || req.type === Cmd.READ) this.inFlightBytes -= req.length;
@@ -415,18 +425,28 @@ export class TransmissionSession {
       }
       // One buffer for the chunk header, the offset and the data: one write, no copy.
       const head = STRUCTURED_REPLY_HEADER_SIZE + 8;
-      const reply = Buffer.allocUnsafe(head + length);
-      await this.device.read(reply.subarray(head), req.offset, flags, this.ctx);
+      const reply = this.pool.acquire(head + length);
+      try {
+        await this.device.read(reply.subarray(head), req.offset, flags, this.ctx);
+      } catch (err) {
+        this.pool.release(reply);
+        throw err;
+      }
       writeStructuredHeader(reply, req, CHUNK_FLAG_DONE, Chunk.OFFSET_DATA, 8 + length);
       reply.writeUInt32BE(Math.floor(req.offset / 0x1_0000_0000), STRUCTURED_REPLY_HEADER_SIZE);
       reply.writeUInt32BE(req.offset >>> 0, STRUCTURED_REPLY_HEADER_SIZE + 4);
-      this.send(reply);
+      this.sendPooled(reply);
     } else {
-      const reply = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_SIZE + length);
-      // All data is read before the header goes out: an error after it could not be told.
-      await this.device.read(reply.subarray(SIMPLE_REPLY_HEADER_SIZE), req.offset, flags, this.ctx);
+      const reply = this.pool.acquire(SIMPLE_REPLY_HEADER_SIZE + length);
+      try {
+        // All data is read before the header goes out: an error after it could not be told.
+        await this.device.read(reply.subarray(SIMPLE_REPLY_HEADER_SIZE), req.offset, flags, this.ctx);
+      } catch (err) {
+        this.pool.release(reply);
+        throw err;
+      }
       writeSimpleHeader(reply, req, 0);
-      this.send(reply);
+      this.sendPooled(reply);
     }
   }
 
@@ -477,7 +497,7 @@ export class TransmissionSession {
     return buf;
   }
 
-  private send(buf: Buffer): void {
+  private send(buf: Buffer, written?: () => void): void {
     if (this.socketClosed || this.socket.destroyed) return;
     // Replies finished in the same turn of the event loop leave in one writev, not one
     // syscall each; the socket is uncorked once the turn's I/O callbacks have run.
@@ -486,7 +506,16 @@ export class TransmissionSession {
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    if (!this.socket.write(buf)) this.sendBlocked = true;
+    if (!this.socket.write(buf, written)) this.sendBlocked = true;
+  }
+
+  /** Sends a pooled buffer and returns it to the pool once the socket is done with it. */
+  private sendPooled(buf: Buffer): void {
+    if (this.socketClosed || this.socket.destroyed) {
+      this.pool.release(buf);
+      return;
+    }
+    this.send(buf, () => this.pool.release(buf));
   }
 
   private readonly uncork = (): void => {

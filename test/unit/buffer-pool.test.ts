@@ -1,0 +1,33 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { BufferPool } from '../../src/nbd/buffer-pool.js';
+
+test('large buffers are reused by size class; small and huge ones are not pooled', () => {
+  const pool = new BufferPool(8 * 1024 * 1024, 4 * 1024 * 1024);
+  const a = pool.acquire(1024 * 1024 + 28);
+  assert.equal(a.length, 1024 * 1024 + 28);
+  assert.equal(a.buffer.byteLength, 1024 * 1024 + 64 * 1024);
+  pool.release(a);
+  const b = pool.acquire(1024 * 1024 + 20); // same class: the same memory comes back
+  assert.equal(b.buffer, a.buffer);
+  assert.equal(b.length, 1024 * 1024 + 20);
+  const c = pool.acquire(1024 * 1024 + 20); // the class is empty now: fresh memory
+  assert.notEqual(c.buffer, a.buffer);
+  const small = pool.acquire(4096);
+  pool.release(small); // ignored: Node's slab allocator owns it
+  assert.notEqual(pool.acquire(4096).buffer, undefined);
+  const huge = pool.acquire(16 * 1024 * 1024);
+  pool.release(huge);
+  assert.notEqual(pool.acquire(16 * 1024 * 1024).buffer, huge.buffer);
+});
+
+test('the pool keeps at most its byte budget idle, and refuses a double release', () => {
+  const pool = new BufferPool(8 * 1024 * 1024, 2 * 1024 * 1024);
+  const bufs = [pool.acquire(1024 * 1024), pool.acquire(1024 * 1024), pool.acquire(1024 * 1024)];
+  for (const b of bufs) pool.release(b); // the third does not fit the 2 MiB budget
+  const again = [pool.acquire(1024 * 1024), pool.acquire(1024 * 1024), pool.acquire(1024 * 1024)];
+  const reused = again.filter((b) => bufs.some((x) => x.buffer === b.buffer));
+  assert.equal(reused.length, 2);
+  pool.release(again[0]!);
+  assert.throws(() => pool.release(again[0]!), /released twice/);
+});
