@@ -9,6 +9,7 @@ import { DeviceManager, ManagerError } from '../core/manager.js';
 import { FilterTypeRegistry } from '../core/filter-types.js';
 import { builtinFilterTypes } from '../filters/index.js';
 import { ExportTable } from '../nbd/exports.js';
+import { exportSource } from './export-source.js';
 import { NbdServer } from '../nbd/server.js';
 import { ControlServer } from '../control/server.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/server.js';
@@ -106,7 +107,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     throw err;
   }
 
-  const server = new NbdServer({ exports: table, logger: log, allowList: opts.allowList });
+  const server = new NbdServer({ exports: exportSource(table, manager), logger: log, allowList: opts.allowList });
   let resolveStopped!: () => void;
   const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
   let stopping: Promise<void> | undefined;

@@ -31,6 +31,26 @@ export interface FilterEnv {
   readonly below: DeviceInfo;
   /** Publishes an event (shown in logs and to control-plane subscribers). */
   emit(event: string, data?: Record<string, unknown>): void;
+  /** How the export's backend was described (e.g. "file:/var/lib/disk.img"), if known. */
+  readonly backendLabel?: string;
+  /**
+   * The device below this filter, for I/O the filter issues outside a client request (a
+   * snapshot image reading the origin). Requests through it are held and drained by stack
+   * changes like client requests; they fail with ESHUTDOWN while the filter is not in the
+   * stack (before it goes live, after it leaves). Inside a hook, use `next` instead.
+   */
+  readonly deviceBelow?: Device;
+  /**
+   * Makes `device` an export of its own (a snapshot image), named `name`, until
+   * unpublishExport(name) or until the filter is removed. Throws if the name is taken.
+   */
+  publishExport?(name: string, device: Device, opts?: PublishOptions): void;
+  unpublishExport?(name: string): void;
+}
+
+export interface PublishOptions {
+  readOnly?: boolean;
+  description?: string;
 }
 
 /** What becomes of a filter's state when it is removed; each type documents its policies. */

@@ -7,7 +7,7 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { Device, DeviceInfo } from './device.js';
-import { FilterCommandError, type FilterEnv } from './filter.js';
+import { FilterCommandError, type Filter, type FilterEnv, type PublishOptions } from './filter.js';
 import { FilterArgsError, FilterTypeRegistry } from './filter-types.js';
 import { LiveStack, StackChangeError, insertAt, type Position, type StackEntry } from './stack.js';
 
@@ -58,8 +58,29 @@ export interface FilterSummary {
   index: number;
 }
 
-export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
+/** An export a filter published (a snapshot image); the front end serves it like any other. */
+export interface PublishedExport {
+  readonly name: string;
+  readonly device: Device;
+  readonly readOnly: boolean;
+  readonly description?: string;
+  /** The export and filter that published it. */
+  readonly owner: { readonly export: string; readonly filter: string };
+}
+
+/** Emitted as 'export' when a filter publishes or withdraws an export. */
+export interface ExportChange {
+  action: 'added' | 'removed';
+  export: PublishedExport;
+}
+
+/** Names of exports: what NBD clients type; '@' joins an export and a snapshot name. */
+const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$/;
+
+export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: [ExportChange] }> {
   private readonly byName = new Map<string, ManagedExport>();
+  /** Exports published by filters, with the filter instance (once created) that owns each. */
+  private readonly published = new Map<string, { exp: PublishedExport; owner: { filter?: Filter } }>();
 
   constructor(
     readonly types: FilterTypeRegistry,
@@ -69,7 +90,7 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
   }
 
   addExport(name: string, backend: Device, opts: { description?: string; readOnly?: boolean; backendLabel?: string } = {}): ManagedExport {
-    if (this.byName.has(name)) throw new ManagerError('exists', `export "${name}" already exists`);
+    if (this.byName.has(name) || this.published.has(name)) throw new ManagerError('exists', `export "${name}" already exists`);
     const exp: ManagedExport = {
       name,
       readOnly: opts.readOnly === true,
@@ -83,6 +104,15 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
 
   exports(): ManagedExport[] {
     return [...this.byName.values()];
+  }
+
+  /** Exports published by filters (snapshot images), served read-only beside the managed ones. */
+  publishedExports(): PublishedExport[] {
+    return [...this.published.values()].map((p) => p.exp);
+  }
+
+  lookupPublished(name: string): PublishedExport | undefined {
+    return this.published.get(name)?.exp;
   }
 
   getExport(name: string): ManagedExport {
@@ -109,13 +139,16 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
       throw new ManagerError('exists', `a filter named "${name}" is already on export "${exportName}"`);
     }
     // Prepare: the heavy part, before anything about the export changes.
-    const env = this.env(exp, name);
-    let filter;
+    const owner: { filter?: Filter } = {};
+    const env = this.env(exp, name, owner);
+    let filter: Filter;
     try {
       filter = await type.create(args, env);
     } catch (err) {
+      this.unpublishAll(owner);
       throw new ManagerError('failed', `${typeName}: setup failed: ${(err as Error).message}`);
     }
+    owner.filter = filter;
     const entry: StackEntry = { name, type, args, filter };
     try {
       await exp.stack.change((cur) => insertAt(cur, entry, opts.position ?? { at: 'top' }), opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS);
@@ -258,9 +291,12 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
       this.logger.error({ err, export: exp.name, filter: entry.name }, 'filter teardown failed');
       this.publish({ export: exp.name, filter: entry.name, event: 'filter.teardown-failed', data: { error: (err as Error).message } });
     }
+    // Whatever the filter published goes with it, even if it forgot (or failed) to withdraw it.
+    const owner = [...this.published.values()].find((p) => p.owner.filter === entry.filter)?.owner;
+    if (owner !== undefined) this.unpublishAll(owner);
   }
 
-  private env(exp: ManagedExport, filterName: string): FilterEnv {
+  private env(exp: ManagedExport, filterName: string, owner: { filter?: Filter }): FilterEnv {
     const logger = this.logger.child({ export: exp.name, filter: filterName });
     const below: DeviceInfo = exp.stack.below.info();
     return {
@@ -268,8 +304,41 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent] }> {
       filterName,
       logger,
       below,
+      backendLabel: exp.backendLabel,
+      deviceBelow: exp.stack.belowDevice(() => owner.filter),
       emit: (event, data) => this.publish({ export: exp.name, filter: filterName, event, ...(data ? { data } : {}) }),
+      publishExport: (name, device, opts) => this.publishExport(exp, filterName, owner, name, device, opts ?? {}),
+      unpublishExport: (name) => this.unpublishExport(owner, name),
     };
+  }
+
+  private publishExport(exp: ManagedExport, filterName: string, owner: { filter?: Filter }, name: string, device: Device, opts: PublishOptions): void {
+    if (!EXPORT_NAME.test(name)) {
+      throw new ManagerError('invalid', `invalid export name "${name}": 1-128 letters, digits, '.', '_', '@' or '-'`);
+    }
+    if (this.byName.has(name) || this.published.has(name)) throw new ManagerError('exists', `export "${name}" already exists`);
+    const published: PublishedExport = {
+      name,
+      device,
+      readOnly: opts.readOnly !== false,
+      owner: { export: exp.name, filter: filterName },
+      ...(opts.description !== undefined ? { description: opts.description } : {}),
+    };
+    this.published.set(name, { exp: published, owner });
+    this.emit('export', { action: 'added', export: published });
+    this.publish({ export: exp.name, filter: filterName, event: 'export.added', data: { name, readOnly: published.readOnly } });
+  }
+
+  private unpublishExport(owner: { filter?: Filter }, name: string): void {
+    const p = this.published.get(name);
+    if (p === undefined || p.owner !== owner) return; // not ours: nothing to withdraw
+    this.published.delete(name);
+    this.emit('export', { action: 'removed', export: p.exp });
+    this.publish({ export: p.exp.owner.export, filter: p.exp.owner.filter, event: 'export.removed', data: { name } });
+  }
+
+  private unpublishAll(owner: { filter?: Filter }): void {
+    for (const [name, p] of [...this.published]) if (p.owner === owner) this.unpublishExport(owner, name);
   }
 
   private publish(e: Omit<FilterEvent, 'time'>): void {

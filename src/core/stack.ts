@@ -65,11 +65,19 @@ class FilterLayer implements Device {
   }
 }
 
-/** Builds the chain for `entries` (top → bottom) over `backend`; returns its top device. */
-function buildChain(entries: readonly StackEntry[], backend: Device): Device {
+/**
+ * Builds the chain for `entries` (top → bottom) over `backend`; returns its top device and,
+ * for each filter, the device just below it (what its hooks get as `next`).
+ */
+function buildChain(entries: readonly StackEntry[], backend: Device): { top: Device; lowers: Map<Filter, Device> } {
   let device = backend;
-  for (let i = entries.length - 1; i >= 0; i--) device = new FilterLayer(entries[i]!.filter, device);
-  return device;
+  const lowers = new Map<Filter, Device>();
+  for (let i = entries.length - 1; i >= 0; i--) {
+    const f = entries[i]!.filter;
+    lowers.set(f, device);
+    device = new FilterLayer(f, device);
+  }
+  return { top: device, lowers };
 }
 
 export interface StackStats {
@@ -83,6 +91,8 @@ export interface StackStats {
 export class LiveStack implements Device {
   private entries: readonly StackEntry[] = [];
   private top: Device;
+  /** For each filter in the stack, the device just below it (see belowDevice()). */
+  private lowers = new Map<Filter, Device>();
   private inFlight = 0;
   /** Set while suspended: new requests wait on it. */
   private gate: Promise<void> | null = null;
@@ -160,6 +170,42 @@ export class LiveStack implements Device {
     return this.track(() => this.top.blockStatus(offset, length, flags, ctx));
   }
 
+  /**
+   * A device that reaches whatever is below the filter `owner()` names, for I/O a filter issues
+   * outside a client request (a snapshot image reading the origin). Its requests are held and
+   * counted like client requests, so a stack change waits for them and never destroys a filter
+   * under them; while the filter is not in the stack they fail with ESHUTDOWN.
+   */
+  belowDevice(owner: () => Filter | undefined): Device {
+    const via = <T>(run: (d: Device) => Promise<T>): Promise<T> => this.viaBelow(owner, run);
+    return {
+      info: () => {
+        const f = owner();
+        return (f !== undefined ? this.lowers.get(f) : undefined)?.info() ?? this.backend.info();
+      },
+      read: (b, o, fl, c) => via((d) => d.read(b, o, fl, c)),
+      write: (b, o, fl, c) => via((d) => d.write(b, o, fl, c)),
+      flush: (fl, c) => via((d) => d.flush(fl, c)),
+      trim: (o, l, fl, c) => via((d) => d.trim(o, l, fl, c)),
+      writeZeroes: (o, l, fl, c) => via((d) => d.writeZeroes(o, l, fl, c)),
+      cache: (o, l, fl, c) => via((d) => d.cache(o, l, fl, c)),
+      blockStatus: (o, l, fl, c) => via((d) => d.blockStatus(o, l, fl, c)),
+      close: () => Promise.resolve(), // the stack owns what is below
+    };
+  }
+
+  private viaBelow<T>(owner: () => Filter | undefined, run: (d: Device) => Promise<T>): Promise<T> {
+    if (this.gate !== null) return this.hold(() => this.viaBelow(owner, run));
+    if (this.closed) return Promise.reject(new DeviceError('ESHUTDOWN', 'export is closed'));
+    this.inFlight++;
+    return this.track(() => {
+      const f = owner();
+      const below = f !== undefined ? this.lowers.get(f) : undefined;
+      if (below === undefined) throw new DeviceError('ESHUTDOWN', 'the filter is not in the stack');
+      return run(below);
+    });
+  }
+
   /** Runs a request that was counted in flight; a hook that throws synchronously counts too. */
   private track<T>(run: () => Promise<T>): Promise<T> {
     let p: Promise<T>;
@@ -216,7 +262,8 @@ export class LiveStack implements Device {
         const chain = buildChain(next, this.backend);
         for (const e of next) if (!this.entries.includes(e)) e.filter.activate?.();
         this.entries = next;
-        this.top = chain;
+        this.top = chain.top;
+        this.lowers = chain.lowers;
         this.changes++;
         return removed;
       } finally {

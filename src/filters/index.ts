@@ -1,6 +1,7 @@
 /** The filter types built into devfilter; each lives in its own folder. */
 import type { FilterType } from '../core/filter.js';
 import { faultFilterType } from './fault/index.js';
+import { snapshotFilterType } from './snapshot/index.js';
 import { statsFilterType } from './stats/index.js';
 import { throttleFilterType } from './throttle/index.js';
 
@@ -12,4 +13,5 @@ export const builtinFilterTypes: FilterType[] = [
   statsFilterType,
   faultFilterType,
   throttleFilterType,
+  snapshotFilterType,
 ];
