@@ -24,7 +24,7 @@ import {
   UsageError,
 } from './output.js';
 
-interface CommonOptions {
+export interface CommonOptions {
   control?: string;
   json: boolean;
 }
@@ -35,14 +35,14 @@ const DEFAULT_CHANGE_TIMEOUT_MS = 10_000;
 
 const CONTROL_HELP = `the daemon's control socket (default: $${CONTROL_ENV}, else /run/devfilter/control.sock as root, else $XDG_RUNTIME_DIR/devfilter/control.sock, else /tmp/devfilter-UID/control.sock)`;
 
-function common(cmd: Command): Command {
+export function common(cmd: Command): Command {
   return cmd
     .option('--control <path>', CONTROL_HELP)
     .option('--json', 'print the JSON result instead of a table (errors as JSON on stderr)', false)
     .addHelpText('after', EXIT_CODES_HELP);
 }
 
-function timeoutOption(): Option {
+export function timeoutOption(): Option {
   return new Option(
     '--timeout <ms>',
     'how long the stack change may wait for requests in flight to drain (default 10000)',
@@ -73,7 +73,7 @@ function jsonObjectArg(value: string): Record<string, unknown> {
 }
 
 /** Connects, runs `fn`, reports errors; throws ExitError with the exit code on failure. */
-async function withClient(
+export async function withClient(
   o: CommonOptions,
   fn: (c: ControlClient) => Promise<void>,
 ): Promise<void> {
@@ -89,7 +89,7 @@ async function withClient(
   }
 }
 
-const callTimeout = (timeoutMs: number | undefined): number =>
+export const callTimeout = (timeoutMs: number | undefined): number =>
   (timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS) + CALL_SLACK_MS;
 
 function filterTable(filters: FilterSummary[]): string {

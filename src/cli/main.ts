@@ -17,6 +17,7 @@ import type { DaemonOptions } from './daemon.js';
 import { ConfigError } from './errors.js';
 import { EXPORT_SPEC_HELP, parseExportSpec, type ExportSpec, type FilterSpec } from './export-spec.js';
 import { addClientCommands } from './filter-commands.js';
+import { addSnapshotCommands } from './snapshot-commands.js';
 import { parseListenAddress } from './listen-address.js';
 import type { Level } from 'pino';
 import { EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, ExitError, UsageError } from './output.js';
@@ -153,6 +154,7 @@ Examples:
     });
 
   addClientCommands(cmd);
+  addSnapshotCommands(cmd);
 
   cmd
     .command('demo')

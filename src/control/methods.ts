@@ -5,6 +5,7 @@
 import { ManagerError, type DeviceManager } from '../core/manager.js';
 import type { Position } from '../core/stack.js';
 import { RpcError } from './protocol.js';
+import { snapshotCreate, snapshotDelete, snapshotList, snapshotStatus } from './snapshot-methods.js';
 import type { MethodName } from './schema.js';
 
 /** What the methods need from the daemon besides the manager. */
@@ -148,6 +149,11 @@ export const methods: Record<MethodName, Method> = {
     session.subscribe();
     return { subscribed: true };
   },
+
+  'snapshot.create': (ctx, p) => snapshotCreate(ctx.manager, p),
+  'snapshot.delete': (ctx, p) => snapshotDelete(ctx.manager, p),
+  'snapshot.list': (ctx, p) => snapshotList(ctx.manager, p),
+  'snapshot.status': (ctx, p) => snapshotStatus(ctx.manager, p),
 
   'events.unsubscribe': (_ctx, _p, session) => {
     session.unsubscribe();
