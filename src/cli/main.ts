@@ -271,4 +271,9 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
+// `devfilter ... | head` closes the pipe early: that ends the output, it is not an error.
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(0);
+  throw err;
+});
 process.exitCode = await main(process.argv);

@@ -89,7 +89,7 @@ export async function spawnDaemon(args: string[], opts: { socket?: string; env?:
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   child.stdout!.resume();
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  const deadline = Date.now() + 15_000;
+  const deadline = Date.now() + 60_000;
   for (;;) {
     if (child.exitCode !== null) throw new Error(`devfilter serve exited with ${child.exitCode}: ${err}`);
     if (existsSync(socket) && (await canConnect(socket))) break;
