@@ -1,4 +1,5 @@
 import type { Socket } from 'node:net';
+import { ByteFifo } from './byte-fifo.js';
 
 /**
  * Exact-length reads over a socket for the negotiation phase, where messages are few and
@@ -6,8 +7,7 @@ import type { Socket } from 'node:net';
  * them, so a client that floods the handshake cannot grow memory.
  */
 export class ByteQueue {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  private readonly fifo = new ByteFifo();
   private ended = false;
   private waiter: { n: number; resolve: (b: Buffer | null) => void } | undefined;
   private readonly onData = (chunk: Buffer): void => this.push(chunk);
@@ -25,7 +25,7 @@ export class ByteQueue {
   /** Resolves with exactly `n` bytes, or null once the peer has gone. */
   read(n: number): Promise<Buffer | null> {
     if (this.waiter) throw new Error('ByteQueue: concurrent reads');
-    if (this.buffered >= n) return Promise.resolve(this.take(n));
+    if (this.fifo.length >= n) return Promise.resolve(this.fifo.take(n));
     if (this.ended) return Promise.resolve(null);
     this.socket.resume();
     return new Promise((resolve) => {
@@ -38,21 +38,17 @@ export class ByteQueue {
     this.socket.off('data', this.onData);
     this.socket.off('end', this.onEnd);
     this.socket.off('close', this.onEnd);
-    const rest = this.chunks;
-    this.chunks = [];
-    this.buffered = 0;
-    return rest;
+    return this.fifo.length > 0 ? [this.fifo.takeAll()] : [];
   }
 
   private push(chunk: Buffer): void {
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
+    this.fifo.push(chunk);
     const w = this.waiter;
-    if (w && this.buffered >= w.n) {
+    if (w && this.fifo.length >= w.n) {
       this.waiter = undefined;
-      w.resolve(this.take(w.n));
+      w.resolve(this.fifo.take(w.n));
     }
-    if (this.buffered > this.highWater && !this.waiter) this.socket.pause();
+    if (this.fifo.length > this.highWater && !this.waiter) this.socket.pause();
   }
 
   private finish(): void {
@@ -62,28 +58,5 @@ export class ByteQueue {
       this.waiter = undefined;
       w.resolve(null);
     }
-  }
-
-  private take(n: number): Buffer {
-    const first = this.chunks[0];
-    let out: Buffer;
-    if (first !== undefined && first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let filled = 0;
-      while (filled < n) {
-        const c = this.chunks[0]!;
-        const used = Math.min(c.length, n - filled);
-        c.copy(out, filled, 0, used);
-        filled += used;
-        if (used === c.length) this.chunks.shift();
-        else this.chunks[0] = c.subarray(used);
-      }
-    }
-    this.buffered -= n;
-    return out;
   }
 }

@@ -14,7 +14,7 @@
 
 import net from 'node:net';
 import type { BlockSizeLimits } from '../core/device.js';
-import { ByteQueue } from './client-bytes.js';
+import { ByteFifo } from './byte-fifo.js';
 import {
   NbdConnectionError,
   NbdOptionError,
@@ -212,7 +212,7 @@ function parseInfoReplies(option: number, replies: readonly OptionReply[]): Expo
 }
 
 /**
- * One connection in option haggling. Reads are exact-length promises over a ByteQueue; any
+ * One connection in option haggling. Reads are exact-length promises over a ByteFifo; any
  * failure (EOF, socket error, timeout) is sticky and rejects the pending and all later reads.
  */
 export class NbdHandshake {
@@ -222,7 +222,7 @@ export class NbdHandshake {
   /** Client flags we sent (u32). */
   clientFlags = 0;
 
-  private readonly queue = new ByteQueue();
+  private readonly queue = new ByteFifo();
   private waiter:
     | { n: number; what: string; resolve: (b: Buffer) => void; reject: (e: Error) => void }
     | undefined;

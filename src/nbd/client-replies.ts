@@ -6,7 +6,7 @@
  * malformed message the byte stream can no longer be trusted.
  */
 
-import { ByteQueue } from './client-bytes.js';
+import { ByteFifo } from './byte-fifo.js';
 import { NbdProtocolError, cmdName } from './client-errors.js';
 import {
   CHUNK_FLAG_DONE,
@@ -90,7 +90,7 @@ type State =
   | { kind: 'chunk'; req: InFlight; flags: number; type: number; length: number };
 
 export class ReplyReader {
-  private readonly queue = new ByteQueue();
+  private readonly queue = new ByteFifo();
   private state: State = { kind: 'header' };
 
   constructor(private readonly ctx: ReplyContext) {}

@@ -12,6 +12,7 @@ import type { Logger } from 'pino';
 import { ExtentState, RequestFlags, type Device, type Extent, type IoContext } from '../core/device.js';
 import { assert, toDeviceError } from '../core/errors.js';
 import type { BufferPool } from './buffer-pool.js';
+import { ByteFifo } from './byte-fifo.js';
 import type { Negotiated } from './handshake.js';
 import {
   BASE_ALLOCATION,
@@ -86,8 +87,7 @@ export class TransmissionSession {
   private readonly flags: number;
   private readonly baseAllocationId: number | undefined;
 
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  private readonly input = new ByteFifo();
   private state: ParseState = 'header';
   private readonly headerScratch = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
   /** The WRITE whose payload is being received (state 'payload' or 'discard'). */
@@ -162,8 +162,7 @@ export class TransmissionSession {
 
   private push(chunk: Buffer): void {
     if (this.state === 'closing') return; // nothing may follow DISC; ignore it
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
+    this.input.push(chunk);
   }
 
   private blocked(): boolean {
@@ -178,15 +177,15 @@ export class TransmissionSession {
   private pump(): void {
     for (;;) {
       if (this.state === 'header') {
-        if (this.blocked() || this.buffered < REQUEST_HEADER_SIZE) break;
-        if (!this.parseHeader(this.take(REQUEST_HEADER_SIZE, this.headerScratch))) return;
+        if (this.blocked() || this.input.length < REQUEST_HEADER_SIZE) break;
+        if (!this.parseHeader(this.input.take(REQUEST_HEADER_SIZE, this.headerScratch))) return;
       } else if (this.state === 'payload') {
         const req = this.pending!;
-        if (this.buffered < req.length) break;
+        if (this.input.length < req.length) break;
         // A payload inside one chunk is used in place; one spread over chunks is gathered
         // into a pooled buffer.
-        req.pooled = this.chunks[0]!.length < req.length;
-        req.payload = this.take(req.length, req.pooled ? this.pool.acquire(req.length) : null);
+        req.pooled = !this.input.isContiguous(req.length);
+        req.payload = this.input.take(req.length, req.pooled ? this.pool.acquire(req.length) : undefined);
         this.pending = undefined;
         this.state = 'header';
         this.dispatch(req);
@@ -200,7 +199,7 @@ export class TransmissionSession {
       // After EOF, wait only while complete requests sit behind the limits (serve() pumps
       // again as each one finishes); a partial message left over can never complete.
       const queued =
-        this.state === 'header' && this.blocked() && this.buffered >= REQUEST_HEADER_SIZE;
+        this.state === 'header' && this.blocked() && this.input.length >= REQUEST_HEADER_SIZE;
       if (!queued) this.beginClose();
       return;
     }
@@ -251,44 +250,15 @@ export class TransmissionSession {
   }
 
   private discard(): boolean {
-    while (this.discardRemaining > 0 && this.buffered > 0) {
-      const c = this.chunks[0]!;
-      const used = Math.min(c.length, this.discardRemaining);
-      if (used === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(used);
-      this.buffered -= used;
-      this.discardRemaining -= used;
-    }
+    const n = Math.min(this.discardRemaining, this.input.length);
+    this.input.skip(n);
+    this.discardRemaining -= n;
     if (this.discardRemaining > 0) return false;
     const req = this.pending!;
     this.pending = undefined;
     this.state = 'header';
     this.dispatch(req);
     return true;
-  }
-
-  /** Takes n buffered bytes: a view when they sit in one chunk, else a copy into `into`. */
-  private take(n: number, into: Buffer | null): Buffer {
-    const first = this.chunks[0]!;
-    let out: Buffer;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-    } else {
-      out = into ?? Buffer.allocUnsafe(n);
-      let filled = 0;
-      while (filled < n) {
-        const c = this.chunks[0]!;
-        const used = Math.min(c.length, n - filled);
-        c.copy(out, filled, 0, used);
-        filled += used;
-        if (used === c.length) this.chunks.shift();
-        else this.chunks[0] = c.subarray(used);
-      }
-    }
-    this.buffered -= n;
-    return out;
   }
 
   private dispatch(req: Request): void {
@@ -526,16 +496,14 @@ export class TransmissionSession {
   private violation(reason: string): void {
     this.logger.warn({ reason }, 'transmission: client violated the protocol, disconnecting');
     this.state = 'closing';
-    this.chunks = [];
-    this.buffered = 0;
+    this.input.clear();
     this.socket.destroy();
   }
 
   /** DISC, EOF or shutdown: stop parsing, let every received request finish, then close. */
   private beginClose(): void {
     this.state = 'closing';
-    this.chunks = [];
-    this.buffered = 0;
+    this.input.clear();
     this.maybeFinish();
   }
 

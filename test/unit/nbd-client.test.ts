@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setImmediate as tick, setTimeout as sleep } from 'node:timers/promises';
 import { hasTool, requireTools } from '../helpers/tools.js';
-import { ByteQueue } from '../../src/nbd/client-bytes.js';
+import { ByteFifo } from '../../src/nbd/byte-fifo.js';
 import {
   NbdClient,
   NbdConnectionError,
@@ -520,7 +520,7 @@ function none(cookie: Buffer): Buffer {
 
 /** Exact-length reads on the server side; rejects at EOF. */
 function exactReader(sock: net.Socket): (n: number) => Promise<Buffer> {
-  const queue = new ByteQueue();
+  const queue = new ByteFifo();
   let waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
   let ended = false;
   const pump = (): void => {

@@ -1,9 +1,10 @@
 /**
- * A FIFO of received bytes. Socket 'data' events split and merge messages arbitrarily, so the
- * parsers push whatever arrives and take exactly what the protocol says comes next. Taking
- * bytes that lie inside one received buffer is zero-copy (a view into it).
+ * A FIFO of received bytes, shared by the server and client parsers. Socket 'data' events split
+ * and merge messages arbitrarily, so the parsers push whatever arrives and take exactly what
+ * the protocol says comes next. Taking bytes that lie inside one received buffer is zero-copy
+ * (a view into it).
  */
-export class ByteQueue {
+export class ByteFifo {
   private readonly bufs: Buffer[] = [];
   /** Bytes of bufs[0] already consumed. */
   private head = 0;
@@ -36,15 +37,23 @@ export class ByteQueue {
     return out;
   }
 
-  /** Consumes and returns exactly `n` bytes. Caller guarantees `n <= length`. */
-  take(n: number): Buffer {
+  /** Whether the next `n` bytes lie in one received buffer (take() is then a view). */
+  isContiguous(n: number): boolean {
     const first = this.bufs[0];
-    if (first !== undefined && first.length - this.head >= n) {
-      const out = first.subarray(this.head, this.head + n);
+    return first !== undefined && first.length - this.head >= n;
+  }
+
+  /**
+   * Consumes and returns exactly `n` bytes: a view when they lie in one received buffer, else
+   * a copy into `into` (at least `n` long) or a new buffer. Caller guarantees `n <= length`.
+   */
+  take(n: number, into?: Buffer): Buffer {
+    if (this.isContiguous(n)) {
+      const out = this.bufs[0]!.subarray(this.head, this.head + n);
       this.skip(n);
       return out;
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = into === undefined ? Buffer.allocUnsafe(n) : into.subarray(0, n);
     this.takeInto(out, 0, n);
     return out;
   }
@@ -70,7 +79,15 @@ export class ByteQueue {
     return this.take(this.total);
   }
 
-  private skip(n: number): void {
+  /** Forgets everything left. */
+  clear(): void {
+    this.bufs.length = 0;
+    this.head = 0;
+    this.total = 0;
+  }
+
+  /** Drops `n` bytes (caller guarantees `n <= length`). */
+  skip(n: number): void {
     this.total -= n;
     this.head += n;
     while (this.bufs.length > 0 && this.head >= this.bufs[0]!.length) {
