@@ -6,9 +6,9 @@
  * Exit codes: 0 success, 1 runtime failure (or the daemon failed the request), 2 usage error
  * or invalid arguments, 3 not found, 4 cannot reach the daemon.
  */
-import { mkdirSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join, relative, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { parseSize, formatSize } from '../core/size.js';
 import { builtinControlPath, CONTROL_ENV } from '../control/socket-path.js';
@@ -222,6 +222,7 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
   }
   const uri = `nbd+unix:///demo?socket=${socket}`;
   const realSize = formatSize(statSync(image).size);
+  const self = howToRunMe();
   const lines = [
     `devfilter demo: serving export "demo" (${realSize} sparse image ${image})`,
     `  unix socket: ${socket}`,
@@ -236,9 +237,10 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
     `  nbdcopy '${uri}' /tmp/demo-copy.raw`,
     ...(daemon.control !== undefined
       ? [
-          `  devfilter filter types --control ${daemon.control.path}`,
-          `  devfilter filter create demo stats --control ${daemon.control.path}`,
-          `  devfilter status --control ${daemon.control.path}`,
+          `  ${self} filter types --control ${daemon.control.path}`,
+          `  ${self} filter create demo stats --control ${daemon.control.path}`,
+          `  ${self} snapshot create first --export demo --store ${join(dataDir, 'snapshots')} --control ${daemon.control.path}`,
+          `  ${self} status --control ${daemon.control.path}`,
         ]
       : []),
     ...(daemon.tcp.length > 0
@@ -250,6 +252,17 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
   process.stdout.write(lines.join('\n') + '\n');
   stopOnSignals(daemon, logger);
   await daemon.stopped;
+}
+
+/** "devfilter" when it is on PATH (installed), else the exact command that runs this CLI. */
+function howToRunMe(): string {
+  const onPath = (process.env.PATH ?? '')
+    .split(':')
+    .some((dir) => dir !== '' && existsSync(join(dir, 'devfilter')));
+  if (onPath) return 'devfilter';
+  const script = process.argv[1] ?? 'dist/src/cli/main.js';
+  const rel = relative(process.cwd(), script);
+  return `node ${rel.startsWith('..') ? script : rel}`;
 }
 
 async function main(argv: string[]): Promise<number> {
