@@ -18,6 +18,9 @@ import { checkFilterSpecs, ConfigError } from './config.js';
 import { openBackend, type ExportSpec } from './export-spec.js';
 import { VERSION } from './version.js';
 
+/** Buffer.allocUnsafe serves sizes below half of this from a shared slab. */
+const DAEMON_BUFFER_SLAB = 128 * 1024;
+
 export interface DaemonOptions {
   exports: ExportSpec[];
   defaultExport?: string;
@@ -56,6 +59,9 @@ export interface RunningDaemon {
 }
 
 export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
+  // A 4 KiB read reply (data + header) is just over half of Node's default 8 KiB slab, so
+  // each one would get its own allocation; a larger slab serves them from shared memory.
+  Buffer.poolSize = Math.max(Buffer.poolSize, DAEMON_BUFFER_SLAB);
   const log = opts.logger;
   const types = new FilterTypeRegistry();
   for (const t of builtinFilterTypes) types.register(t);
