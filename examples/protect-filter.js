@@ -45,7 +45,10 @@ const protect = {
         if (offset < end && start < offset + length) {
           denied++;
           return Promise.reject(
-            new DeviceError('EPERM', `[${offset}, +${length}) overlaps protected [${start}, ${end})`),
+            new DeviceError(
+              'EPERM',
+              `[${offset}, +${length}) overlaps protected [${start}, ${end})`,
+            ),
           );
         }
       }
@@ -55,8 +58,10 @@ const protect = {
     /** @type {Filter} */
     const filter = {
       // Reads, flushes, block status and cache have no hook: they pass through untouched.
-      write: (next, data, offset, flags, ctx) => guard(offset, data.length, () => next.write(data, offset, flags, ctx)),
-      trim: (next, offset, length, flags, ctx) => guard(offset, length, () => next.trim(offset, length, flags, ctx)),
+      write: (next, data, offset, flags, ctx) =>
+        guard(offset, data.length, () => next.write(data, offset, flags, ctx)),
+      trim: (next, offset, length, flags, ctx) =>
+        guard(offset, length, () => next.trim(offset, length, flags, ctx)),
       writeZeroes: (next, offset, length, flags, ctx) =>
         guard(offset, length, () => next.writeZeroes(offset, length, flags, ctx)),
 
@@ -85,8 +90,16 @@ function parseRanges(value) {
   const list = typeof value === 'string' ? JSON.parse(value) : value;
   if (!Array.isArray(list)) throw new Error('ranges must be a list of [start, end] pairs');
   return list.map((r) => {
-    if (!Array.isArray(r) || r.length !== 2 || !r.every(Number.isSafeInteger) || r[0] < 0 || r[1] <= r[0]) {
-      throw new Error(`invalid range ${JSON.stringify(r)}: expected [start, end) with 0 <= start < end`);
+    if (
+      !Array.isArray(r) ||
+      r.length !== 2 ||
+      !r.every(Number.isSafeInteger) ||
+      r[0] < 0 ||
+      r[1] <= r[0]
+    ) {
+      throw new Error(
+        `invalid range ${JSON.stringify(r)}: expected [start, end) with 0 <= start < end`,
+      );
     }
     return [r[0], r[1]];
   });

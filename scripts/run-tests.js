@@ -41,10 +41,14 @@ for (const [group, concurrency] of [
   [serial, 1],
 ]) {
   if (group.length === 0) continue;
-  const result = spawnSync(process.execPath, ['--test', `--test-concurrency=${concurrency}`, ...group], {
-    stdio: 'inherit',
-    cwd: root,
-  });
+  const result = spawnSync(
+    process.execPath,
+    ['--test', `--test-concurrency=${concurrency}`, ...group],
+    {
+      stdio: 'inherit',
+      cwd: root,
+    },
+  );
   if (result.status !== 0) status = result.status ?? 1;
 }
 process.exit(status);

@@ -24,7 +24,16 @@ const { crashRound } = await import('../dist/test/crash/harness.js');
 
 const scenarios = [
   ['plain', {}],
-  ['filters', { filters: [{ type: 'stats' }, { type: 'fault' }, { type: 'throttle', args: { iops: 1_000_000 } }] }],
+  [
+    'filters',
+    {
+      filters: [
+        { type: 'stats' },
+        { type: 'fault' },
+        { type: 'throttle', args: { iops: 1_000_000 } },
+      ],
+    },
+  ],
   ['churn', { churn: true }],
   ['deep queue', { depth: 32, blocks: 1024 }],
 ];

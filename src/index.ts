@@ -5,7 +5,12 @@ export * from './core/size.js';
 export * from './core/filter.js';
 export { FilterTypeRegistry, FilterArgsError } from './core/filter-types.js';
 export { LiveStack, StackChangeError, type Position, type StackEntry } from './core/stack.js';
-export { DeviceManager, ManagerError, type ManagedExport, type FilterEvent } from './core/manager.js';
+export {
+  DeviceManager,
+  ManagerError,
+  type ManagedExport,
+  type FilterEvent,
+} from './core/manager.js';
 export { MemoryBackend } from './backends/memory.js';
 export { FileBackend } from './backends/file.js';
 export { ExportTable, type NbdExport, type ExportSource } from './nbd/exports.js';

@@ -220,7 +220,7 @@ export class FileBackend implements Device {
       try {
         this.#checkWritable('write');
         checkWriteRange('write', offset, data.length, this.#size);
-        for (let done = 0; done < data.length; ) {
+        for (let done = 0; done < data.length;) {
           const n = pwriteSync(this.#fd, done === 0 ? data : data.subarray(done), offset + done);
           if (n === 0) throw new DeviceError('EIO', `write at ${offset + done} made no progress`);
           done += n;

@@ -90,7 +90,9 @@ function load(): Libc {
       ioctl: lib.func('int ioctl(int fd, unsigned long request, ...)'),
       pread: lib.func('int64_t pread64(int fd, void *buf, uint64_t count, int64_t offset)'),
       pwrite: lib.func('int64_t pwrite64(int fd, const void *buf, uint64_t count, int64_t offset)'),
-      preadv2: lib.func('int64_t preadv64v2(int fd, void *iov, int iovcnt, int64_t offset, int flags)'),
+      preadv2: lib.func(
+        'int64_t preadv64v2(int fd, void *iov, int iovcnt, int64_t offset, int flags)',
+      ),
       fstatfs: lib.func('int fstatfs64(int fd, void *buf)'),
     };
   }

@@ -39,8 +39,23 @@ export interface DaemonConfig {
 
 export { ConfigError };
 
-const TOP_KEYS = new Set(['socket', 'listen', 'control', 'filterModules', 'defaultExport', 'exports']);
-const EXPORT_KEYS = new Set(['file', 'memory', 'readOnly', 'direct', 'create', 'description', 'filters']);
+const TOP_KEYS = new Set([
+  'socket',
+  'listen',
+  'control',
+  'filterModules',
+  'defaultExport',
+  'exports',
+]);
+const EXPORT_KEYS = new Set([
+  'file',
+  'memory',
+  'readOnly',
+  'direct',
+  'create',
+  'description',
+  'filters',
+]);
 const FILTER_KEYS = new Set(['type', 'name', 'args']);
 /** Filter names, as the manager accepts them. */
 const FILTER_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -64,12 +79,16 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     throw new ConfigError(`${source}:${pos.line}:${pos.col}: ${e.message.split('\n')[0]}`);
   }
   const fail = (path: (string | number)[], message: string): never => {
-    throw new ConfigError(`${where(doc, lines, source, path)}: ${path.join('.') || '(top)'}: ${message}`);
+    throw new ConfigError(
+      `${where(doc, lines, source, path)}: ${path.join('.') || '(top)'}: ${message}`,
+    );
   };
   const root: unknown = doc.toJS();
   if (!isObject(root)) fail([], 'expected a mapping with "exports"');
   const top = root as Record<string, unknown>;
-  for (const key of Object.keys(top)) if (!TOP_KEYS.has(key)) fail([key], `unknown key (expected one of ${[...TOP_KEYS].join(', ')})`);
+  for (const key of Object.keys(top))
+    if (!TOP_KEYS.has(key))
+      fail([key], `unknown key (expected one of ${[...TOP_KEYS].join(', ')})`);
 
   const config: DaemonConfig = { listen: [], exports: [], filterModules: [] };
   if (top.socket !== undefined) {
@@ -96,13 +115,16 @@ export function parseConfig(text: string, source: string): DaemonConfig {
   if (top.listen !== undefined) {
     const list = Array.isArray(top.listen) ? top.listen : [top.listen];
     list.forEach((l, i) => {
-      if (typeof l !== 'string') fail(Array.isArray(top.listen) ? ['listen', i] : ['listen'], 'expected HOST:PORT');
+      if (typeof l !== 'string')
+        fail(Array.isArray(top.listen) ? ['listen', i] : ['listen'], 'expected HOST:PORT');
       config.listen.push(l as string);
     });
   }
-  if (!isObject(top.exports)) fail(['exports'], 'expected a mapping of export names to definitions');
+  if (!isObject(top.exports))
+    fail(['exports'], 'expected a mapping of export names to definitions');
   for (const [name, def] of Object.entries(top.exports as Record<string, unknown>)) {
-    const at = (key?: string): (string | number)[] => (key === undefined ? ['exports', name] : ['exports', name, key]);
+    const at = (key?: string): (string | number)[] =>
+      key === undefined ? ['exports', name] : ['exports', name, key];
     try {
       validateExportName(name);
     } catch (err) {
@@ -110,11 +132,15 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     }
     if (!isObject(def)) fail(at(), 'expected a mapping with file: PATH or memory: SIZE');
     const d = def as Record<string, unknown>;
-    for (const key of Object.keys(d)) if (!EXPORT_KEYS.has(key)) fail(at(key), `unknown key (expected one of ${[...EXPORT_KEYS].join(', ')})`);
+    for (const key of Object.keys(d))
+      if (!EXPORT_KEYS.has(key))
+        fail(at(key), `unknown key (expected one of ${[...EXPORT_KEYS].join(', ')})`);
     for (const key of ['readOnly', 'direct'] as const) {
-      if (d[key] !== undefined && typeof d[key] !== 'boolean') fail(at(key), 'expected true or false');
+      if (d[key] !== undefined && typeof d[key] !== 'boolean')
+        fail(at(key), 'expected true or false');
     }
-    if (d.description !== undefined && typeof d.description !== 'string') fail(at('description'), 'expected text');
+    if (d.description !== undefined && typeof d.description !== 'string')
+      fail(at('description'), 'expected text');
     const size = (key: string): number => {
       const v = d[key];
       if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return v;
@@ -130,7 +156,8 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     const spec: ExportSpec = { name, backend: { type: 'memory', size: 0 } };
     if (d.readOnly === true) spec.readOnly = true;
     if (typeof d.description === 'string') spec.description = d.description;
-    if ((d.file === undefined) === (d.memory === undefined)) fail(at(), 'needs exactly one of file: PATH or memory: SIZE');
+    if ((d.file === undefined) === (d.memory === undefined))
+      fail(at(), 'needs exactly one of file: PATH or memory: SIZE');
     if (d.file !== undefined) {
       if (typeof d.file !== 'string' || d.file === '') fail(at('file'), 'expected a path');
       spec.backend = {
@@ -140,27 +167,44 @@ export function parseConfig(text: string, source: string): DaemonConfig {
         ...(d.create !== undefined ? { create: size('create') } : {}),
       };
     } else {
-      if (d.direct !== undefined || d.create !== undefined) fail(at(), 'direct and create apply to file exports');
+      if (d.direct !== undefined || d.create !== undefined)
+        fail(at(), 'direct and create apply to file exports');
       spec.backend = { type: 'memory', size: size('memory') };
     }
     if (d.filters !== undefined) {
-      if (!Array.isArray(d.filters)) fail(at('filters'), 'expected a list of filters (top → bottom)');
+      if (!Array.isArray(d.filters))
+        fail(at('filters'), 'expected a list of filters (top → bottom)');
       spec.filters = (d.filters as unknown[]).map((f, i) => {
-        const fat = (...rest: (string | number)[]): (string | number)[] => ['exports', name, 'filters', i, ...rest];
+        const fat = (...rest: (string | number)[]): (string | number)[] => [
+          'exports',
+          name,
+          'filters',
+          i,
+          ...rest,
+        ];
         const locate = (field: (string | number)[]): string => {
           const path = [...fat(), ...field];
           return `${where(doc, lines, source, path)}: ${path.join('.')}`;
         };
         if (typeof f === 'string') return { type: f, args: {}, locate };
-        if (!isObject(f)) fail(fat(), 'expected a filter: a type name, or a mapping with type, name and args');
+        if (!isObject(f))
+          fail(fat(), 'expected a filter: a type name, or a mapping with type, name and args');
         const fd = f as Record<string, unknown>;
-        for (const key of Object.keys(fd)) if (!FILTER_KEYS.has(key)) fail(fat(key), `unknown key (expected one of ${[...FILTER_KEYS].join(', ')})`);
-        if (typeof fd.type !== 'string' || fd.type === '') fail(fat('type'), 'expected a filter type name');
+        for (const key of Object.keys(fd))
+          if (!FILTER_KEYS.has(key))
+            fail(fat(key), `unknown key (expected one of ${[...FILTER_KEYS].join(', ')})`);
+        if (typeof fd.type !== 'string' || fd.type === '')
+          fail(fat('type'), 'expected a filter type name');
         if (fd.name !== undefined && (typeof fd.name !== 'string' || !FILTER_NAME.test(fd.name))) {
           fail(fat('name'), "expected a filter name: 1-64 letters, digits, '.', '_' or '-'");
         }
-        if (fd.args !== undefined && fd.args !== null && !isObject(fd.args)) fail(fat('args'), 'expected a mapping of arguments');
-        const filter: FilterSpec = { type: fd.type as string, args: (fd.args as Record<string, unknown> | undefined) ?? {}, locate };
+        if (fd.args !== undefined && fd.args !== null && !isObject(fd.args))
+          fail(fat('args'), 'expected a mapping of arguments');
+        const filter: FilterSpec = {
+          type: fd.type as string,
+          args: (fd.args as Record<string, unknown> | undefined) ?? {},
+          locate,
+        };
         if (fd.name !== undefined) filter.name = fd.name as string;
         return filter;
       });
@@ -169,7 +213,8 @@ export function parseConfig(text: string, source: string): DaemonConfig {
   }
   if (top.defaultExport !== undefined) {
     if (typeof top.defaultExport !== 'string') fail(['defaultExport'], 'expected an export name');
-    if (!config.exports.some((e) => e.name === top.defaultExport)) fail(['defaultExport'], `no export named ${JSON.stringify(top.defaultExport)}`);
+    if (!config.exports.some((e) => e.name === top.defaultExport))
+      fail(['defaultExport'], `no export named ${JSON.stringify(top.defaultExport)}`);
     config.defaultExport = top.defaultExport as string;
   }
   return config;
@@ -188,13 +233,21 @@ export function checkFilterSpecs(exports: ExportSpec[], registry: FilterTypeRegi
     const names = new Set<string>();
     for (const f of exp.filters ?? []) {
       const fail = (field: (string | number)[], message: string): never => {
-        throw new ConfigError(`${f.locate?.(field) ?? `filter ${f.type} on export ${exp.name}`}: ${message}`);
+        throw new ConfigError(
+          `${f.locate?.(field) ?? `filter ${f.type} on export ${exp.name}`}: ${message}`,
+        );
       };
       const type = known.get(f.type);
-      if (!type) fail(['type'], `unknown filter type "${f.type}" (known: ${[...known.keys()].sort().join(', ') || 'none'})`);
+      if (!type)
+        fail(
+          ['type'],
+          `unknown filter type "${f.type}" (known: ${[...known.keys()].sort().join(', ') || 'none'})`,
+        );
       if (f.name !== undefined) {
-        if (!FILTER_NAME.test(f.name)) fail(['name'], `invalid filter name "${f.name}": 1-64 letters, digits, '.', '_' or '-'`);
-        if (names.has(f.name)) fail(['name'], `a filter named "${f.name}" is already declared on export "${exp.name}"`);
+        if (!FILTER_NAME.test(f.name))
+          fail(['name'], `invalid filter name "${f.name}": 1-64 letters, digits, '.', '_' or '-'`);
+        if (names.has(f.name))
+          fail(['name'], `a filter named "${f.name}" is already declared on export "${exp.name}"`);
         names.add(f.name);
       }
       let validate = validators.get(f.type);
@@ -210,7 +263,10 @@ export function checkFilterSpecs(exports: ExportSpec[], registry: FilterTypeRegi
           fail([...field, extra], `unknown argument "${extra}" for ${f.type}`);
         }
         if (e.keyword === 'required') {
-          fail(field, `missing argument "${String((e.params as { missingProperty: string }).missingProperty)}" for ${f.type}`);
+          fail(
+            field,
+            `missing argument "${String((e.params as { missingProperty: string }).missingProperty)}" for ${f.type}`,
+          );
         }
         fail(field, `${e.message ?? 'is invalid'}`);
       }
@@ -223,7 +279,12 @@ function isObject(v: unknown): v is Record<string, unknown> {
 }
 
 /** "file:LINE:COL" of the deepest node on `path` that exists in the document. */
-function where(doc: Document, lines: LineCounter, source: string, path: (string | number)[]): string {
+function where(
+  doc: Document,
+  lines: LineCounter,
+  source: string,
+  path: (string | number)[],
+): string {
   for (let depth = path.length; depth >= 0; depth--) {
     const node = depth === 0 ? doc.contents : doc.getIn(path.slice(0, depth), true);
     const range = (node as { range?: [number, number, number] } | undefined)?.range;

@@ -83,10 +83,17 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       const readOnly = opts.readOnly || spec.readOnly === true;
       const device = await openBackend(spec.backend, readOnly);
       const description = spec.description !== undefined ? { description: spec.description } : {};
-      const exp = manager.addExport(spec.name, device, { readOnly, backendLabel: backendLabel(spec), ...description });
+      const exp = manager.addExport(spec.name, device, {
+        readOnly,
+        backendLabel: backendLabel(spec),
+        ...description,
+      });
       // The NBD layer sees the live stack: filters come and go beneath it.
       table.add({ name: spec.name, device: exp.stack, readOnly, ...description });
-      log.info({ export: spec.name, backend: spec.backend, size: device.info().size, readOnly }, 'export ready');
+      log.info(
+        { export: spec.name, backend: spec.backend, size: device.info().size, readOnly },
+        'export ready',
+      );
     }
     if (opts.defaultExport !== undefined) table.setDefault(opts.defaultExport);
     else if (opts.exports.length === 1) table.setDefault(opts.exports[0]!.name);
@@ -103,7 +110,8 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
         } catch (err) {
           const where = f.locate?.([]) ?? `export ${spec.name}: filter ${f.type}`;
           const message = `${where}: ${(err as Error).message}`;
-          if (err instanceof ManagerError && (err.code === 'invalid' || err.code === 'exists')) throw new ConfigError(message);
+          if (err instanceof ManagerError && (err.code === 'invalid' || err.code === 'exists'))
+            throw new ConfigError(message);
           throw new Error(message, { cause: err });
         }
       }
@@ -113,7 +121,11 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     throw err;
   }
 
-  const server = new NbdServer({ exports: exportSource(table, manager), logger: log, allowList: opts.allowList });
+  const server = new NbdServer({
+    exports: exportSource(table, manager),
+    logger: log,
+    allowList: opts.allowList,
+  });
   let resolveStopped!: () => void;
   const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
   let stopping: Promise<void> | undefined;
@@ -121,7 +133,10 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     stopping ??= (async () => {
       log.info('shutting down: draining connections');
       if (control !== undefined) await control.server.close();
-      if (metrics !== undefined) await metrics.close().catch((err: unknown) => log.error({ err }, 'closing the metrics endpoint failed'));
+      if (metrics !== undefined)
+        await metrics
+          .close()
+          .catch((err: unknown) => log.error({ err }, 'closing the metrics endpoint failed'));
       await server.close();
       for (const exp of manager.exports()) {
         try {
@@ -145,7 +160,12 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   let metrics: MetricsServer | undefined;
   try {
     if (opts.metrics !== undefined) {
-      metrics = await startMetricsServer({ manager, host: opts.metrics.host, port: opts.metrics.port, logger: log.child({ component: 'metrics' }) });
+      metrics = await startMetricsServer({
+        manager,
+        host: opts.metrics.host,
+        port: opts.metrics.port,
+        logger: log.child({ component: 'metrics' }),
+      });
     }
     // Control first: once clients can connect over NBD, commands work too.
     if (opts.control !== undefined) control = await startControl(opts, manager, server, types, log);
@@ -213,7 +233,10 @@ async function startControl(
   } catch (err) {
     await control.close().catch(() => undefined);
     if (isDefault && (err as NodeJS.ErrnoException).code === 'EADDRINUSE') {
-      log.warn({ control: path }, 'another daemon answers on the default control socket; running without one (use --control PATH)');
+      log.warn(
+        { control: path },
+        'another daemon answers on the default control socket; running without one (use --control PATH)',
+      );
       return undefined;
     }
     throw new Error(`control socket ${path}: ${(err as Error).message}`, { cause: err });

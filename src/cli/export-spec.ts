@@ -37,12 +37,15 @@ export const EXPORT_SPEC_HELP =
 /** Parses `NAME=TYPE:ARG[,option...]`; throws an Error that says what is wrong. */
 export function parseExportSpec(text: string): ExportSpec {
   const eq = text.indexOf('=');
-  if (eq < 0) throw new Error(`invalid export ${JSON.stringify(text)}: expected ${EXPORT_SPEC_HELP}`);
+  if (eq < 0)
+    throw new Error(`invalid export ${JSON.stringify(text)}: expected ${EXPORT_SPEC_HELP}`);
   const name = text.slice(0, eq);
   const [backendText = '', ...options] = text.slice(eq + 1).split(',');
   const colon = backendText.indexOf(':');
   if (colon < 0) {
-    throw new Error(`invalid export ${JSON.stringify(text)}: backend must be file:PATH or memory:SIZE`);
+    throw new Error(
+      `invalid export ${JSON.stringify(text)}: backend must be file:PATH or memory:SIZE`,
+    );
   }
   const type = backendText.slice(0, colon);
   const arg = backendText.slice(colon + 1);
@@ -55,18 +58,25 @@ export function parseExportSpec(text: string): ExportSpec {
     else if (key === 'direct') direct = true;
     else if (key === 'create' && value !== undefined) create = parseSize(value);
     else if (key === 'description' && value !== undefined) spec.description = value;
-    else throw new Error(`invalid export ${JSON.stringify(text)}: unknown option ${JSON.stringify(option)}`);
+    else
+      throw new Error(
+        `invalid export ${JSON.stringify(text)}: unknown option ${JSON.stringify(option)}`,
+      );
   }
   if (type === 'file') {
     if (arg === '') throw new Error(`invalid export ${JSON.stringify(text)}: file needs a path`);
     spec.backend = { type: 'file', path: arg, direct, ...(create !== undefined ? { create } : {}) };
   } else if (type === 'memory') {
     if (direct || create !== undefined) {
-      throw new Error(`invalid export ${JSON.stringify(text)}: direct and create apply to file exports`);
+      throw new Error(
+        `invalid export ${JSON.stringify(text)}: direct and create apply to file exports`,
+      );
     }
     spec.backend = { type: 'memory', size: parseSize(arg) };
   } else {
-    throw new Error(`invalid export ${JSON.stringify(text)}: unknown backend type ${JSON.stringify(type)} (file or memory)`);
+    throw new Error(
+      `invalid export ${JSON.stringify(text)}: unknown backend type ${JSON.stringify(type)} (file or memory)`,
+    );
   }
   validateExportName(name);
   return spec;

@@ -12,7 +12,10 @@ export function parseListenAddress(text: string): { host: string; port: number }
     const colon = text.lastIndexOf(':');
     host = text.slice(0, colon);
     portText = text.slice(colon + 1);
-    if (host.includes(':')) throw new Error(`invalid address ${JSON.stringify(text)}: write IPv6 addresses as [ADDR]:PORT`);
+    if (host.includes(':'))
+      throw new Error(
+        `invalid address ${JSON.stringify(text)}: write IPv6 addresses as [ADDR]:PORT`,
+      );
   }
   if (host === '') host = '0.0.0.0';
   let port = NBD_DEFAULT_PORT;

@@ -15,7 +15,12 @@ import { builtinControlPath, CONTROL_ENV } from '../control/socket-path.js';
 import { FILTER_OPTION_HELP, parseFilterOption } from './args.js';
 import type { DaemonOptions } from './daemon.js';
 import { ConfigError } from './errors.js';
-import { EXPORT_SPEC_HELP, parseExportSpec, type ExportSpec, type FilterSpec } from './export-spec.js';
+import {
+  EXPORT_SPEC_HELP,
+  parseExportSpec,
+  type ExportSpec,
+  type FilterSpec,
+} from './export-spec.js';
 import { addClientCommands } from './filter-commands.js';
 import { addSnapshotCommands } from './snapshot-commands.js';
 import { parseListenAddress } from './listen-address.js';
@@ -44,10 +49,13 @@ function sizeArg(value: string): number {
 // The daemon's modules (NBD server, backends, filters, pino, yaml) are loaded only by the
 // commands that run a daemon, so that client commands start quickly.
 const LOG_LEVELS: Level[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace'];
-const createLogger = async (level: string): Promise<import('pino').Logger> => (await import('./logger.js')).createLogger(level);
+const createLogger = async (level: string): Promise<import('pino').Logger> =>
+  (await import('./logger.js')).createLogger(level);
 
 const logLevelOption = (): Option =>
-  new Option('--log-level <level>', 'log verbosity (JSON logs on stderr)').choices(LOG_LEVELS).default('info');
+  new Option('--log-level <level>', 'log verbosity (JSON logs on stderr)')
+    .choices(LOG_LEVELS)
+    .default('info');
 
 function program(): Command {
   const cmd = new Command('devfilter')
@@ -62,25 +70,51 @@ function program(): Command {
     .description(
       'Serve exports over NBD. Without exports or a config file it runs the demo (see "devfilter demo").',
     )
-    .option('-e, --export <spec>', `an export: ${EXPORT_SPEC_HELP} (repeatable)`, collect(parseExportSpec))
+    .option(
+      '-e, --export <spec>',
+      `an export: ${EXPORT_SPEC_HELP} (repeatable)`,
+      collect(parseExportSpec),
+    )
     .option('-c, --config <file>', 'read listeners and exports from a YAML or JSON config file')
     .option('-s, --socket <path>', 'listen on a unix socket')
-    .option('-l, --listen <host:port>', 'listen on TCP (repeatable; default 127.0.0.1:10809 when nothing else is given)', collect(parseListenAddress))
-    .option('--default-export <name>', 'the export a client gets by asking for the empty name (default: the only export)')
+    .option(
+      '-l, --listen <host:port>',
+      'listen on TCP (repeatable; default 127.0.0.1:10809 when nothing else is given)',
+      collect(parseListenAddress),
+    )
+    .option(
+      '--default-export <name>',
+      'the export a client gets by asking for the empty name (default: the only export)',
+    )
     .option('-r, --read-only', 'serve every export read-only', false)
     .option('--stdio', 'serve one client on stdin/stdout (a connected socket), then exit', false)
     .option('--no-list', 'refuse to list exports to clients (NBD_OPT_LIST)')
-    .option('--control <path>', `the control socket, mode 0600 (default: $${CONTROL_ENV}, else ${builtinControlPath()})`)
+    .option(
+      '--control <path>',
+      `the control socket, mode 0600 (default: $${CONTROL_ENV}, else ${builtinControlPath()})`,
+    )
     .option('--no-control', 'no control socket: the filter stacks are fixed at start')
-    .option('--filter-module <spec>', 'load filter types from an ES module path or an installed package (repeatable)', collect(String))
-    .option('-f, --filter <spec>', `put a filter on an export at start: ${FILTER_OPTION_HELP}; the key name names it (repeatable; top → bottom, below the config file's)`, collect(parseFilterOption))
-    .option('--metrics <host:port>', 'serve Prometheus metrics of the stats filters over HTTP', (v: string) => {
-      try {
-        return parseListenAddress(v);
-      } catch (err) {
-        throw new InvalidArgumentError((err as Error).message);
-      }
-    })
+    .option(
+      '--filter-module <spec>',
+      'load filter types from an ES module path or an installed package (repeatable)',
+      collect(String),
+    )
+    .option(
+      '-f, --filter <spec>',
+      `put a filter on an export at start: ${FILTER_OPTION_HELP}; the key name names it (repeatable; top → bottom, below the config file's)`,
+      collect(parseFilterOption),
+    )
+    .option(
+      '--metrics <host:port>',
+      'serve Prometheus metrics of the stats filters over HTTP',
+      (v: string) => {
+        try {
+          return parseListenAddress(v);
+        } catch (err) {
+          throw new InvalidArgumentError((err as Error).message);
+        }
+      },
+    )
     .addOption(logLevelOption())
     .addHelpText(
       'after',
@@ -123,18 +157,26 @@ Examples:
       }
       const names = new Set<string>();
       for (const e of exports) {
-        if (names.has(e.name)) throw new UsageError(`export ${JSON.stringify(e.name)} is defined twice`);
+        if (names.has(e.name))
+          throw new UsageError(`export ${JSON.stringify(e.name)} is defined twice`);
         names.add(e.name);
       }
-      for (const { export: name, filter } of (o.filter ?? []) as { export: string; filter: FilterSpec }[]) {
+      for (const { export: name, filter } of (o.filter ?? []) as {
+        export: string;
+        filter: FilterSpec;
+      }[]) {
         const target = exports.find((e) => e.name === name);
-        if (!target) throw new UsageError(`--filter ${name}:${filter.type}: no export named ${JSON.stringify(name)}`);
+        if (!target)
+          throw new UsageError(
+            `--filter ${name}:${filter.type}: no export named ${JSON.stringify(name)}`,
+          );
         (target.filters ??= []).push(filter);
       }
       if (defaultExport !== undefined && !names.has(defaultExport)) {
         throw new UsageError(`--default-export: no export named ${JSON.stringify(defaultExport)}`);
       }
-      const activated = process.env.LISTEN_FDS !== undefined && Number(process.env.LISTEN_PID) === process.pid;
+      const activated =
+        process.env.LISTEN_FDS !== undefined && Number(process.env.LISTEN_PID) === process.pid;
       if (socket === undefined && listen.length === 0 && !o.stdio && !activated) {
         listen = [{ host: '127.0.0.1', port: 10809 }];
       }
@@ -149,7 +191,9 @@ Examples:
         logger: await createLogger(o.logLevel),
         filterModules: filterModules.map((m) => (m.startsWith('.') ? resolve(m) : m)),
         ...controlOptions(control, o.stdio === true),
-        ...(o.metrics !== undefined ? { metrics: o.metrics as { host: string; port: number } } : {}),
+        ...(o.metrics !== undefined
+          ? { metrics: o.metrics as { host: string; port: number } }
+          : {}),
       });
     });
 
@@ -158,20 +202,30 @@ Examples:
 
   cmd
     .command('demo')
-    .description('Create a sparse demo image, serve it, and print commands to try it with real clients')
+    .description(
+      'Create a sparse demo image, serve it, and print commands to try it with real clients',
+    )
     .option('--data-dir <dir>', 'where the image and socket live', defaultDataDir())
     .option('--size <size>', 'size of the demo image when it is created', sizeArg, 1024 ** 3)
     .option('-l, --listen <host:port>', 'also listen on TCP', '127.0.0.1:10809')
     .option('--no-tcp', 'listen on the unix socket only')
     .addOption(logLevelOption().default('warn'))
     .action(async (o) => {
-      await runDemo({ dataDir: o.dataDir, size: o.size, listen: o.tcp ? o.listen : undefined, logLevel: o.logLevel });
+      await runDemo({
+        dataDir: o.dataDir,
+        size: o.size,
+        listen: o.tcp ? o.listen : undefined,
+        logLevel: o.logLevel,
+      });
     });
   return cmd;
 }
 
 /** Where the daemon's control socket goes: asked for, $DEVFILTER_CONTROL, or the default. */
-function controlOptions(control: string | false | undefined, stdio: boolean): Pick<DaemonOptions, 'control' | 'controlIsDefault'> {
+function controlOptions(
+  control: string | false | undefined,
+  stdio: boolean,
+): Pick<DaemonOptions, 'control' | 'controlIsDefault'> {
   if (control === false) return {};
   if (control !== undefined) return { control: resolve(control) };
   const fromEnv = process.env[CONTROL_ENV];
@@ -192,7 +246,12 @@ async function runDaemon(opts: DaemonOptions): Promise<void> {
   await daemon.stopped;
 }
 
-async function runDemo(o: { dataDir?: string; size?: number; listen?: string | undefined; logLevel: string }): Promise<void> {
+async function runDemo(o: {
+  dataDir?: string;
+  size?: number;
+  listen?: string | undefined;
+  logLevel: string;
+}): Promise<void> {
   const dataDir = resolve(o.dataDir ?? defaultDataDir());
   mkdirSync(dataDir, { recursive: true });
   const image = join(dataDir, 'demo.img');
@@ -202,7 +261,13 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
   const { startDaemon, stopOnSignals } = await import('./daemon.js');
   const tcp = o.listen === undefined ? [] : [parseListenAddress(o.listen)];
   const opts: DaemonOptions = {
-    exports: [{ name: 'demo', description: 'devfilter demo image', backend: { type: 'file', path: image, create: size } }],
+    exports: [
+      {
+        name: 'demo',
+        description: 'devfilter demo image',
+        backend: { type: 'file', path: image, create: size },
+      },
+    ],
     defaultExport: 'demo',
     socket,
     listen: tcp,
@@ -244,7 +309,9 @@ async function runDemo(o: { dataDir?: string; size?: number; listen?: string | u
         ]
       : []),
     ...(daemon.tcp.length > 0
-      ? [`  nbd-client -N demo ${daemon.tcp[0]!.host} ${daemon.tcp[0]!.port} /dev/nbd0   # as root, after modprobe nbd`]
+      ? [
+          `  nbd-client -N demo ${daemon.tcp[0]!.host} ${daemon.tcp[0]!.port} /dev/nbd0   # as root, after modprobe nbd`,
+        ]
       : []),
     '',
     'Press Ctrl-C to stop (connections are drained and the image is flushed first).',

@@ -6,7 +6,13 @@
 import type { Command } from 'commander';
 import { parseSize } from '../core/size.js';
 import { InvalidArgumentError } from 'commander';
-import { callTimeout, common, timeoutOption, withClient, type CommonOptions } from './filter-commands.js';
+import {
+  callTimeout,
+  common,
+  timeoutOption,
+  withClient,
+  type CommonOptions,
+} from './filter-commands.js';
 import { printJson, printYaml, table } from './output.js';
 
 interface SnapshotRow {
@@ -58,7 +64,11 @@ export function addSnapshotCommands(program: Command): void {
       .argument('<name>', 'snapshot name')
       .requiredOption('-e, --export <name>', 'an export to snapshot (repeatable)', collect)
       .option('--store <dir>', 'difference store directory (needed the first time on an export)')
-      .option('--limit <size>', 'store size limit; beyond it the snapshot fails, the export never does', sizeArg)
+      .option(
+        '--limit <size>',
+        'store size limit; beyond it the snapshot fails, the export never does',
+        sizeArg,
+      )
       .option('--chunk-size <size>', 'copy unit (default 64K)', sizeArg)
       .addOption(timeoutOption()),
   )
@@ -77,7 +87,10 @@ export function addSnapshotCommands(program: Command): void {
           timeoutMs: callTimeout(o.timeout as number | undefined) * 2,
         });
         if (o.json) printJson(r);
-        else process.stdout.write(rows(r.snapshots.map((s, i) => ({ export: (o.export as string[])[i], ...s }))));
+        else
+          process.stdout.write(
+            rows(r.snapshots.map((s, i) => ({ export: (o.export as string[])[i], ...s }))),
+          );
       });
     });
 
@@ -102,7 +115,10 @@ export function addSnapshotCommands(program: Command): void {
       .argument('[export]', 'export name (default: all)'),
   ).action(async (exportName: string | undefined, o: CommonOptions) => {
     await withClient(o, async (c) => {
-      const r = await c.call<{ snapshots: SnapshotRow[] }>('snapshot.list', exportName === undefined ? {} : { export: exportName });
+      const r = await c.call<{ snapshots: SnapshotRow[] }>(
+        'snapshot.list',
+        exportName === undefined ? {} : { export: exportName },
+      );
       if (o.json) printJson(r);
       else process.stdout.write(rows(r.snapshots));
     });

@@ -5,7 +5,12 @@
 import { ManagerError, type DeviceManager } from '../core/manager.js';
 import type { Position } from '../core/stack.js';
 import { RpcError } from './protocol.js';
-import { snapshotCreate, snapshotDelete, snapshotList, snapshotStatus } from './snapshot-methods.js';
+import {
+  snapshotCreate,
+  snapshotDelete,
+  snapshotList,
+  snapshotStatus,
+} from './snapshot-methods.js';
 import type { MethodName } from './schema.js';
 
 /** What the methods need from the daemon besides the manager. */

@@ -166,7 +166,9 @@ export const methodParamSchemas = {
   },
   'snapshot.list': {
     type: 'object',
-    properties: { export: { ...exportName, description: 'only this export (default: every export)' } },
+    properties: {
+      export: { ...exportName, description: 'only this export (default: every export)' },
+    },
     additionalProperties: false,
   },
   'snapshot.status': {

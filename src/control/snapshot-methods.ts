@@ -31,7 +31,10 @@ export async function snapshotCreate(manager: DeviceManager, p: Params): Promise
     for (const e of exports) {
       if (hasSnapshotFilter(manager, e)) continue;
       if (p.store === undefined) {
-        throw RpcError.of('invalid', `export "${e}" has no snapshot filter yet: give store (--store DIR)`);
+        throw RpcError.of(
+          'invalid',
+          `export "${e}" has no snapshot filter yet: give store (--store DIR)`,
+        );
       }
       // At the bottom, next to the backend: every write, whichever filter it came through,
       // is seen before it changes the origin.
@@ -60,12 +63,16 @@ export async function snapshotDelete(manager: DeviceManager, p: Params): Promise
 }
 
 export async function snapshotList(manager: DeviceManager, p: Params): Promise<unknown> {
-  const exports = p.export !== undefined ? [p.export as string] : manager.exports().map((e) => e.name);
+  const exports =
+    p.export !== undefined ? [p.export as string] : manager.exports().map((e) => e.name);
   const snapshots: unknown[] = [];
   try {
     for (const e of exports) {
       if (!hasSnapshotFilter(manager, e)) continue;
-      const list = (await snapshotFilterOf(manager, e).control('list', {})) as Record<string, unknown>[];
+      const list = (await snapshotFilterOf(manager, e).control('list', {})) as Record<
+        string,
+        unknown
+      >[];
       for (const s of list) snapshots.push({ export: e, ...s });
     }
   } catch (err) {

@@ -52,7 +52,8 @@ export function toDeviceError(err: unknown): DeviceError {
   if (err instanceof DeviceError) return err;
   // An external filter may bring its own copy of DeviceError, or any Error with an errno name.
   const errno = (err as { errno?: unknown } | null)?.errno;
-  if (isErrno(errno)) return new DeviceError(errno, err instanceof Error ? err.message : String(err), { cause: err });
+  if (isErrno(errno))
+    return new DeviceError(errno, err instanceof Error ? err.message : String(err), { cause: err });
   const code = (err as { code?: unknown } | null)?.code;
   const mapped = typeof code === 'string' ? (HOST_CODE_TO_ERRNO[code] ?? 'EIO') : 'EIO';
   const message = err instanceof Error ? err.message : String(err);

@@ -20,18 +20,27 @@ interface Known {
 
 export class FilterTypeRegistry {
   private readonly types = new Map<string, Known>();
-  private readonly ajv = new Ajv({ coerceTypes: true, useDefaults: true, allErrors: true, strict: false });
+  private readonly ajv = new Ajv({
+    coerceTypes: true,
+    useDefaults: true,
+    allErrors: true,
+    strict: false,
+  });
 
   register(type: FilterType, source = 'built-in'): void {
     const t = checkFilterType(type, source);
     if (this.types.has(t.name)) {
-      throw new Error(`${source}: filter type "${t.name}" is already registered (from ${this.types.get(t.name)!.source})`);
+      throw new Error(
+        `${source}: filter type "${t.name}" is already registered (from ${this.types.get(t.name)!.source})`,
+      );
     }
     let validate: ValidateFunction;
     try {
       validate = this.ajv.compile(t.argsSchema);
     } catch (err) {
-      throw new Error(`${source}: filter type "${t.name}" has an invalid argsSchema: ${(err as Error).message}`);
+      throw new Error(
+        `${source}: filter type "${t.name}" has an invalid argsSchema: ${(err as Error).message}`,
+      );
     }
     this.types.set(t.name, { type: t, validate, source });
   }
@@ -53,7 +62,9 @@ export class FilterTypeRegistry {
       ? mod.filterTypes
       : [mod.default ?? mod.filterType].filter((t) => t !== undefined);
     if (found.length === 0) {
-      throw new Error(`${spec}: exports no filter type (default export, filterType or filterTypes)`);
+      throw new Error(
+        `${spec}: exports no filter type (default export, filterType or filterTypes)`,
+      );
     }
     const types = found.map((t) => checkFilterType(t, spec));
     for (const t of types) this.register(t, spec);
@@ -63,12 +74,20 @@ export class FilterTypeRegistry {
   get(name: string): FilterType {
     const known = this.types.get(name);
     if (!known) {
-      throw new FilterArgsError(`unknown filter type "${name}" (known: ${[...this.types.keys()].sort().join(', ')})`);
+      throw new FilterArgsError(
+        `unknown filter type "${name}" (known: ${[...this.types.keys()].sort().join(', ')})`,
+      );
     }
     return known.type;
   }
 
-  list(): { name: string; description: string; argsSchema: object; source: string; removalPolicies: readonly string[] }[] {
+  list(): {
+    name: string;
+    description: string;
+    argsSchema: object;
+    source: string;
+    removalPolicies: readonly string[];
+  }[] {
     return [...this.types.values()].map((k) => ({
       name: k.type.name,
       description: k.type.description,

@@ -76,10 +76,34 @@ export interface Filter {
   read?(next: Device, buf: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void>;
   write?(next: Device, data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void>;
   flush?(next: Device, flags: number, ctx?: IoContext): Promise<void>;
-  trim?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
-  writeZeroes?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
-  cache?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void>;
-  blockStatus?(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<Extent[]>;
+  trim?(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void>;
+  writeZeroes?(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void>;
+  cache?(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void>;
+  blockStatus?(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<Extent[]>;
   /** Structured, JSON-serialisable state for `filter status`. */
   status?(): unknown;
   /** A filter-specific command (`filter control`); throw FilterCommandError for bad input. */
@@ -117,7 +141,9 @@ export function checkFilterType(value: unknown, source: string): FilterType {
     return problem('name must be lowercase letters, digits and dashes');
   }
   if (t.apiVersion !== FILTER_API_VERSION) {
-    return problem(`apiVersion ${String(t.apiVersion)} is not supported (this devfilter speaks ${FILTER_API_VERSION})`);
+    return problem(
+      `apiVersion ${String(t.apiVersion)} is not supported (this devfilter speaks ${FILTER_API_VERSION})`,
+    );
   }
   if (typeof t.create !== 'function') return problem('create() is missing');
   if (typeof t.argsSchema !== 'object' || t.argsSchema === null || t.argsSchema.type !== 'object') {

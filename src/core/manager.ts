@@ -80,7 +80,10 @@ const EXPORT_NAME = /^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$/;
 export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: [ExportChange] }> {
   private readonly byName = new Map<string, ManagedExport>();
   /** Exports published by filters, with the filter instance (once created) that owns each. */
-  private readonly published = new Map<string, { exp: PublishedExport; owner: { filter?: Filter } }>();
+  private readonly published = new Map<
+    string,
+    { exp: PublishedExport; owner: { filter?: Filter } }
+  >();
 
   constructor(
     readonly types: FilterTypeRegistry,
@@ -89,8 +92,13 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     super();
   }
 
-  addExport(name: string, backend: Device, opts: { description?: string; readOnly?: boolean; backendLabel?: string } = {}): ManagedExport {
-    if (this.byName.has(name) || this.published.has(name)) throw new ManagerError('exists', `export "${name}" already exists`);
+  addExport(
+    name: string,
+    backend: Device,
+    opts: { description?: string; readOnly?: boolean; backendLabel?: string } = {},
+  ): ManagedExport {
+    if (this.byName.has(name) || this.published.has(name))
+      throw new ManagerError('exists', `export "${name}" already exists`);
     const exp: ManagedExport = {
       name,
       readOnly: opts.readOnly === true,
@@ -121,7 +129,11 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     return exp;
   }
 
-  async createFilter(exportName: string, typeName: string, opts: CreateFilterOptions = {}): Promise<FilterSummary> {
+  async createFilter(
+    exportName: string,
+    typeName: string,
+    opts: CreateFilterOptions = {},
+  ): Promise<FilterSummary> {
     const exp = this.getExport(exportName);
     let args: Record<string, unknown>;
     try {
@@ -133,10 +145,16 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     const type = this.types.get(typeName);
     const name = opts.name ?? this.freeName(exp, typeName);
     if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) {
-      throw new ManagerError('invalid', `invalid filter name "${name}": 1-64 letters, digits, '.', '_' or '-'`);
+      throw new ManagerError(
+        'invalid',
+        `invalid filter name "${name}": 1-64 letters, digits, '.', '_' or '-'`,
+      );
     }
     if (exp.stack.filters().some((e) => e.name === name)) {
-      throw new ManagerError('exists', `a filter named "${name}" is already on export "${exportName}"`);
+      throw new ManagerError(
+        'exists',
+        `a filter named "${name}" is already on export "${exportName}"`,
+      );
     }
     // Prepare: the heavy part, before anything about the export changes.
     const owner: { filter?: Filter } = {};
@@ -151,28 +169,42 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     owner.filter = filter;
     const entry: StackEntry = { name, type, args, filter };
     try {
-      await exp.stack.change((cur) => insertAt(cur, entry, opts.position ?? { at: 'top' }), opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS);
+      await exp.stack.change(
+        (cur) => insertAt(cur, entry, opts.position ?? { at: 'top' }),
+        opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS,
+      );
     } catch (err) {
       await this.destroy(exp, entry, type.removalPolicies?.[0] ?? 'default');
       throw this.fromStackError(err);
     }
-    this.publish({ export: exportName, filter: name, event: 'filter.created', data: { type: typeName } });
+    this.publish({
+      export: exportName,
+      filter: name,
+      event: 'filter.created',
+      data: { type: typeName },
+    });
     return this.summary(exp, entry);
   }
 
-  async removeFilter(exportName: string, name: string, opts: { policy?: string; timeoutMs?: number } = {}): Promise<void> {
+  async removeFilter(
+    exportName: string,
+    name: string,
+    opts: { policy?: string; timeoutMs?: number } = {},
+  ): Promise<void> {
     const exp = this.getExport(exportName);
     const entry = exp.stack.filters().find((e) => e.name === name);
-    if (!entry) throw new ManagerError('not-found', `no filter named "${name}" on export "${exportName}"`);
+    if (!entry)
+      throw new ManagerError('not-found', `no filter named "${name}" on export "${exportName}"`);
     const policy = this.policy(entry, opts.policy);
     try {
-      await exp.stack.change(
-        (cur) => {
-          if (!cur.includes(entry)) throw new StackChangeError(`no filter named "${name}" on export "${exportName}"`, 'not-found');
-          return cur.filter((e) => e !== entry);
-        },
-        opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS,
-      );
+      await exp.stack.change((cur) => {
+        if (!cur.includes(entry))
+          throw new StackChangeError(
+            `no filter named "${name}" on export "${exportName}"`,
+            'not-found',
+          );
+        return cur.filter((e) => e !== entry);
+      }, opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS);
     } catch (err) {
       throw this.fromStackError(err);
     }
@@ -181,7 +213,10 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
   }
 
   /** Removes every filter of one export, or of all exports; returns how many were removed. */
-  async removeAll(exportName?: string, opts: { policy?: string; timeoutMs?: number } = {}): Promise<number> {
+  async removeAll(
+    exportName?: string,
+    opts: { policy?: string; timeoutMs?: number } = {},
+  ): Promise<number> {
     const targets = exportName === undefined ? this.exports() : [this.getExport(exportName)];
     let count = 0;
     for (const exp of targets) {
@@ -192,26 +227,45 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
         throw this.fromStackError(err);
       }
       for (const entry of removed) {
-        const policy = opts.policy !== undefined && (entry.type.removalPolicies ?? []).includes(opts.policy) ? opts.policy : this.policy(entry, undefined);
+        const policy =
+          opts.policy !== undefined && (entry.type.removalPolicies ?? []).includes(opts.policy)
+            ? opts.policy
+            : this.policy(entry, undefined);
         await this.destroy(exp, entry, policy);
-        this.publish({ export: exp.name, filter: entry.name, event: 'filter.removed', data: { policy } });
+        this.publish({
+          export: exp.name,
+          filter: entry.name,
+          event: 'filter.removed',
+          data: { policy },
+        });
       }
       count += removed.length;
     }
     return count;
   }
 
-  async control(exportName: string, name: string, command: string, args: Record<string, unknown> = {}): Promise<unknown> {
+  async control(
+    exportName: string,
+    name: string,
+    command: string,
+    args: Record<string, unknown> = {},
+  ): Promise<unknown> {
     const entry = this.entry(exportName, name);
     if (!entry.filter.control) {
       throw new ManagerError('invalid', `filter "${name}" (${entry.type.name}) takes no commands`);
     }
     try {
       const result = await entry.filter.control(command, args);
-      this.publish({ export: exportName, filter: name, event: 'filter.control', data: { command } });
+      this.publish({
+        export: exportName,
+        filter: name,
+        event: 'filter.control',
+        data: { command },
+      });
       return result ?? null;
     } catch (err) {
-      if (err instanceof FilterCommandError) throw new ManagerError('invalid', `${name}: ${err.message}`);
+      if (err instanceof FilterCommandError)
+        throw new ManagerError('invalid', `${name}: ${err.message}`);
       throw new ManagerError('failed', `${name}: ${(err as Error).message}`);
     }
   }
@@ -239,7 +293,9 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
       blockSize: info.blockSize,
       caps: info.caps,
       stack: exp.stack.stats(),
-      filters: exp.stack.filters().map((e) => ({ ...this.summary(exp, e), status: e.filter.status?.() ?? null })),
+      filters: exp.stack
+        .filters()
+        .map((e) => ({ ...this.summary(exp, e), status: e.filter.status?.() ?? null })),
     };
   }
 
@@ -258,12 +314,19 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
   private entry(exportName: string, name: string): StackEntry {
     const exp = this.getExport(exportName);
     const entry = exp.stack.filters().find((e) => e.name === name);
-    if (!entry) throw new ManagerError('not-found', `no filter named "${name}" on export "${exportName}"`);
+    if (!entry)
+      throw new ManagerError('not-found', `no filter named "${name}" on export "${exportName}"`);
     return entry;
   }
 
   private summary(exp: ManagedExport, e: StackEntry): FilterSummary {
-    return { export: exp.name, name: e.name, type: e.type.name, args: e.args, index: exp.stack.filters().indexOf(e) };
+    return {
+      export: exp.name,
+      name: e.name,
+      type: e.type.name,
+      args: e.args,
+      index: exp.stack.filters().indexOf(e),
+    };
   }
 
   private freeName(exp: ManagedExport, typeName: string): string {
@@ -278,7 +341,8 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     if (!policies.includes(asked)) {
       throw new ManagerError(
         'invalid',
-        `${entry.type.name} has no removal policy "${asked}"` + (policies.length ? ` (one of: ${policies.join(', ')})` : ''),
+        `${entry.type.name} has no removal policy "${asked}"` +
+          (policies.length ? ` (one of: ${policies.join(', ')})` : ''),
       );
     }
     return asked;
@@ -289,7 +353,12 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
       await entry.filter.destroy?.(policy);
     } catch (err) {
       this.logger.error({ err, export: exp.name, filter: entry.name }, 'filter teardown failed');
-      this.publish({ export: exp.name, filter: entry.name, event: 'filter.teardown-failed', data: { error: (err as Error).message } });
+      this.publish({
+        export: exp.name,
+        filter: entry.name,
+        event: 'filter.teardown-failed',
+        data: { error: (err as Error).message },
+      });
     }
     // Whatever the filter published goes with it, even if it forgot (or failed) to withdraw it.
     const owner = [...this.published.values()].find((p) => p.owner.filter === entry.filter)?.owner;
@@ -306,17 +375,30 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
       below,
       backendLabel: exp.backendLabel,
       deviceBelow: exp.stack.belowDevice(() => owner.filter),
-      emit: (event, data) => this.publish({ export: exp.name, filter: filterName, event, ...(data ? { data } : {}) }),
-      publishExport: (name, device, opts) => this.publishExport(exp, filterName, owner, name, device, opts ?? {}),
+      emit: (event, data) =>
+        this.publish({ export: exp.name, filter: filterName, event, ...(data ? { data } : {}) }),
+      publishExport: (name, device, opts) =>
+        this.publishExport(exp, filterName, owner, name, device, opts ?? {}),
       unpublishExport: (name) => this.unpublishExport(owner, name),
     };
   }
 
-  private publishExport(exp: ManagedExport, filterName: string, owner: { filter?: Filter }, name: string, device: Device, opts: PublishOptions): void {
+  private publishExport(
+    exp: ManagedExport,
+    filterName: string,
+    owner: { filter?: Filter },
+    name: string,
+    device: Device,
+    opts: PublishOptions,
+  ): void {
     if (!EXPORT_NAME.test(name)) {
-      throw new ManagerError('invalid', `invalid export name "${name}": 1-128 letters, digits, '.', '_', '@' or '-'`);
+      throw new ManagerError(
+        'invalid',
+        `invalid export name "${name}": 1-128 letters, digits, '.', '_', '@' or '-'`,
+      );
     }
-    if (this.byName.has(name) || this.published.has(name)) throw new ManagerError('exists', `export "${name}" already exists`);
+    if (this.byName.has(name) || this.published.has(name))
+      throw new ManagerError('exists', `export "${name}" already exists`);
     const published: PublishedExport = {
       name,
       device,
@@ -326,7 +408,12 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     };
     this.published.set(name, { exp: published, owner });
     this.emit('export', { action: 'added', export: published });
-    this.publish({ export: exp.name, filter: filterName, event: 'export.added', data: { name, readOnly: published.readOnly } });
+    this.publish({
+      export: exp.name,
+      filter: filterName,
+      event: 'export.added',
+      data: { name, readOnly: published.readOnly },
+    });
   }
 
   private unpublishExport(owner: { filter?: Filter }, name: string): void {
@@ -334,22 +421,38 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     if (p === undefined || p.owner !== owner) return; // not ours: nothing to withdraw
     this.published.delete(name);
     this.emit('export', { action: 'removed', export: p.exp });
-    this.publish({ export: p.exp.owner.export, filter: p.exp.owner.filter, event: 'export.removed', data: { name } });
+    this.publish({
+      export: p.exp.owner.export,
+      filter: p.exp.owner.filter,
+      event: 'export.removed',
+      data: { name },
+    });
   }
 
   private unpublishAll(owner: { filter?: Filter }): void {
-    for (const [name, p] of [...this.published]) if (p.owner === owner) this.unpublishExport(owner, name);
+    for (const [name, p] of [...this.published])
+      if (p.owner === owner) this.unpublishExport(owner, name);
   }
 
   private publish(e: Omit<FilterEvent, 'time'>): void {
     const event: FilterEvent = { time: new Date().toISOString(), ...e };
-    this.logger.info({ event: event.event, export: event.export, filter: event.filter, data: event.data }, 'event');
+    this.logger.info(
+      { event: event.event, export: event.export, filter: event.filter, data: event.data },
+      'event',
+    );
     this.emit('event', event);
   }
 
   private fromStackError(err: unknown): Error {
     if (err instanceof StackChangeError) {
-      const code: ManagerErrorCode = err.reason === 'timeout' ? 'timeout' : err.reason === 'exists' ? 'exists' : err.reason === 'not-found' ? 'not-found' : 'failed';
+      const code: ManagerErrorCode =
+        err.reason === 'timeout'
+          ? 'timeout'
+          : err.reason === 'exists'
+            ? 'exists'
+            : err.reason === 'not-found'
+              ? 'not-found'
+              : 'failed';
       return new ManagerError(code, err.message);
     }
     return err as Error;

@@ -42,14 +42,22 @@ class FilterLayer implements Device {
 
   constructor(f: Filter, next: Device) {
     // Bound once here so that a request costs one call per layer, not a lookup.
-    this.read = f.read ? (b, o, fl, c) => f.read!(next, b, o, fl, c) : (b, o, fl, c) => next.read(b, o, fl, c);
-    this.write = f.write ? (d, o, fl, c) => f.write!(next, d, o, fl, c) : (d, o, fl, c) => next.write(d, o, fl, c);
+    this.read = f.read
+      ? (b, o, fl, c) => f.read!(next, b, o, fl, c)
+      : (b, o, fl, c) => next.read(b, o, fl, c);
+    this.write = f.write
+      ? (d, o, fl, c) => f.write!(next, d, o, fl, c)
+      : (d, o, fl, c) => next.write(d, o, fl, c);
     this.flush = f.flush ? (fl, c) => f.flush!(next, fl, c) : (fl, c) => next.flush(fl, c);
-    this.trim = f.trim ? (o, l, fl, c) => f.trim!(next, o, l, fl, c) : (o, l, fl, c) => next.trim(o, l, fl, c);
+    this.trim = f.trim
+      ? (o, l, fl, c) => f.trim!(next, o, l, fl, c)
+      : (o, l, fl, c) => next.trim(o, l, fl, c);
     this.writeZeroes = f.writeZeroes
       ? (o, l, fl, c) => f.writeZeroes!(next, o, l, fl, c)
       : (o, l, fl, c) => next.writeZeroes(o, l, fl, c);
-    this.cache = f.cache ? (o, l, fl, c) => f.cache!(next, o, l, fl, c) : (o, l, fl, c) => next.cache(o, l, fl, c);
+    this.cache = f.cache
+      ? (o, l, fl, c) => f.cache!(next, o, l, fl, c)
+      : (o, l, fl, c) => next.cache(o, l, fl, c);
     this.blockStatus = f.blockStatus
       ? (o, l, fl, c) => f.blockStatus!(next, o, l, fl, c)
       : (o, l, fl, c) => next.blockStatus(o, l, fl, c);
@@ -69,7 +77,10 @@ class FilterLayer implements Device {
  * Builds the chain for `entries` (top → bottom) over `backend`; returns its top device and,
  * for each filter, the device just below it (what its hooks get as `next`).
  */
-function buildChain(entries: readonly StackEntry[], backend: Device): { top: Device; lowers: Map<Filter, Device> } {
+function buildChain(
+  entries: readonly StackEntry[],
+  backend: Device,
+): { top: Device; lowers: Map<Filter, Device> } {
   let device = backend;
   const lowers = new Map<Filter, Device>();
   for (let i = entries.length - 1; i >= 0; i--) {
@@ -125,7 +136,12 @@ export class LiveStack implements Device {
   }
 
   stats(): StackStats {
-    return { inFlight: this.inFlight, held: this.held, changes: this.changes, lastPauseMs: this.lastPauseMs };
+    return {
+      inFlight: this.inFlight,
+      held: this.held,
+      changes: this.changes,
+      lastPauseMs: this.lastPauseMs,
+    };
   }
 
   read(buf: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
@@ -319,9 +335,16 @@ export class LiveStack implements Device {
 }
 
 /** Computes the entries with `entry` inserted at `position`. */
-export function insertAt(current: readonly StackEntry[], entry: StackEntry, position: Position): StackEntry[] {
+export function insertAt(
+  current: readonly StackEntry[],
+  entry: StackEntry,
+  position: Position,
+): StackEntry[] {
   if (current.some((e) => e.name === entry.name)) {
-    throw new StackChangeError(`a filter named "${entry.name}" is already on this export`, 'exists');
+    throw new StackChangeError(
+      `a filter named "${entry.name}" is already on this export`,
+      'exists',
+    );
   }
   const out = [...current];
   if ('at' in position) {

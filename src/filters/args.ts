@@ -11,7 +11,10 @@ import { FilterCommandError, type ArgsSchema } from '../core/filter.js';
 const ajv = new Ajv({ coerceTypes: true, useDefaults: true, allErrors: true, strict: false });
 
 /** Reads like the registry's messages: `rules.0.probability must be <= 1`. */
-export function describeAjvErrors(errors: readonly ErrorObject[] | null | undefined, prefix = ''): string {
+export function describeAjvErrors(
+  errors: readonly ErrorObject[] | null | undefined,
+  prefix = '',
+): string {
   const problems = (errors ?? []).map((e) => {
     const field = prefix + e.instancePath.replace(/^\//, '').replaceAll('/', '.');
     if (e.keyword === 'additionalProperties') {
@@ -31,16 +34,26 @@ export function describeAjvErrors(errors: readonly ErrorObject[] | null | undefi
  * Compiles a schema into a function that validates (and coerces, and fills defaults into) a
  * copy of its input, throwing FilterCommandError with `what` as context.
  */
-export function commandValidator<T>(schema: ArgsSchema | Record<string, unknown>, what: string): (input: unknown) => T {
+export function commandValidator<T>(
+  schema: ArgsSchema | Record<string, unknown>,
+  what: string,
+): (input: unknown) => T {
   const validate: ValidateFunction = ajv.compile(schema);
   return (input: unknown): T => {
     const copy = structuredClone(input ?? {});
-    if (!validate(copy)) throw new FilterCommandError(`${what}: ${describeAjvErrors(validate.errors)}`);
+    if (!validate(copy))
+      throw new FilterCommandError(`${what}: ${describeAjvErrors(validate.errors)}`);
     return copy as T;
   };
 }
 
 /** Unknown command: lists what the filter understands. */
-export function unknownCommand(type: string, command: string, known: readonly string[]): FilterCommandError {
-  return new FilterCommandError(`${type} has no command "${command}" (commands: ${known.join(', ')})`);
+export function unknownCommand(
+  type: string,
+  command: string,
+  known: readonly string[],
+): FilterCommandError {
+  return new FilterCommandError(
+    `${type} has no command "${command}" (commands: ${known.join(', ')})`,
+  );
 }

@@ -4,7 +4,15 @@
  * what metrics carry in their `op` label.
  */
 
-export const OP_NAMES = ['read', 'write', 'flush', 'trim', 'zero', 'cache', 'block-status'] as const;
+export const OP_NAMES = [
+  'read',
+  'write',
+  'flush',
+  'trim',
+  'zero',
+  'cache',
+  'block-status',
+] as const;
 
 export type OpName = (typeof OP_NAMES)[number];
 
@@ -52,10 +60,12 @@ export function opIndex(name: string): number {
  */
 export function parseOps(value: unknown): number {
   const list = typeof value === 'string' ? value.split(',') : Array.isArray(value) ? value : null;
-  if (list === null) throw new Error('must be an operation name, a comma-separated list or an array of names');
+  if (list === null)
+    throw new Error('must be an operation name, a comma-separated list or an array of names');
   let mask = 0;
   for (const item of list) {
-    if (typeof item !== 'string') throw new Error(`${JSON.stringify(item)} is not an operation name`);
+    if (typeof item !== 'string')
+      throw new Error(`${JSON.stringify(item)} is not an operation name`);
     const name = item.trim().toLowerCase();
     if (name === 'all' || name === '*') {
       mask |= ALL_OPS_MASK;

@@ -7,7 +7,13 @@
 import type { Logger } from 'pino';
 import { Registry, type Metric } from 'prom-client';
 import type { DeviceManager } from '../core/manager.js';
-import { hasMetrics, type HistogramSample, type MetricFamily, type MetricType, type ValueSample } from './types.js';
+import {
+  hasMetrics,
+  type HistogramSample,
+  type MetricFamily,
+  type MetricType,
+  type ValueSample,
+} from './types.js';
 
 const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*$/;
 const LABEL_NAME = /^[a-zA-Z_][a-zA-Z0-9_]*$/;
@@ -29,8 +35,20 @@ class SnapshotMetric {
     readonly type: MetricType,
   ) {}
 
-  get(): Promise<{ name: string; help: string; type: MetricType; aggregator: string; values: Value[] }> {
-    return Promise.resolve({ name: this.name, help: this.help, type: this.type, aggregator: this.aggregator, values: this.values });
+  get(): Promise<{
+    name: string;
+    help: string;
+    type: MetricType;
+    aggregator: string;
+    values: Value[];
+  }> {
+    return Promise.resolve({
+      name: this.name,
+      help: this.help,
+      type: this.type,
+      aggregator: this.aggregator,
+      values: this.values,
+    });
   }
 
   reset(): void {}
@@ -52,7 +70,11 @@ export class MetricsCollector {
       const existing = families.get(name);
       if (existing) {
         if (existing.type !== type) {
-          this.warn(`type:${name}`, { metric: name }, `metric ${name} reported as ${type} and as ${existing.type}; keeping ${existing.type}`);
+          this.warn(
+            `type:${name}`,
+            { metric: name },
+            `metric ${name} reported as ${type} and as ${existing.type}; keeping ${existing.type}`,
+          );
           return null;
         }
         return existing;
@@ -61,7 +83,13 @@ export class MetricsCollector {
       families.set(name, m);
       return m;
     };
-    const gauge = (name: string, help: string, labels: Record<string, string>, value: number, type: MetricType = 'gauge'): void => {
+    const gauge = (
+      name: string,
+      help: string,
+      labels: Record<string, string>,
+      value: number,
+      type: MetricType = 'gauge',
+    ): void => {
       family(name, help, type)?.values.push({ labels, value });
     };
 
@@ -69,15 +97,46 @@ export class MetricsCollector {
       const labels = { export: exp.name };
       const stats = exp.stack.stats();
       const filters = exp.stack.filters();
-      gauge('devfilter_export_size_bytes', 'Size of the export in bytes.', labels, exp.stack.info().size);
-      gauge('devfilter_export_in_flight_requests', 'Requests inside the export\'s filter stack.', labels, stats.inFlight);
-      gauge('devfilter_export_held_requests', 'Requests held while the filter stack changes.', labels, stats.held);
-      gauge('devfilter_export_stack_changes_total', 'Filter stack changes (attach, detach) since start.', labels, stats.changes, 'counter');
-      gauge('devfilter_export_last_pause_seconds', 'How long the last stack change held requests.', labels, stats.lastPauseMs / 1000);
+      gauge(
+        'devfilter_export_size_bytes',
+        'Size of the export in bytes.',
+        labels,
+        exp.stack.info().size,
+      );
+      gauge(
+        'devfilter_export_in_flight_requests',
+        "Requests inside the export's filter stack.",
+        labels,
+        stats.inFlight,
+      );
+      gauge(
+        'devfilter_export_held_requests',
+        'Requests held while the filter stack changes.',
+        labels,
+        stats.held,
+      );
+      gauge(
+        'devfilter_export_stack_changes_total',
+        'Filter stack changes (attach, detach) since start.',
+        labels,
+        stats.changes,
+        'counter',
+      );
+      gauge(
+        'devfilter_export_last_pause_seconds',
+        'How long the last stack change held requests.',
+        labels,
+        stats.lastPauseMs / 1000,
+      );
       gauge('devfilter_export_filters', 'Filters on the export.', labels, filters.length);
       filters.forEach((entry, index) => {
         const base = { export: exp.name, filter: entry.name };
-        gauge('devfilter_filter_info', 'A filter on an export (always 1); index 0 is the top of the stack.', { ...base, type: entry.type.name, index: String(index) }, 1);
+        gauge(
+          'devfilter_filter_info',
+          'A filter on an export (always 1); index 0 is the top of the stack.',
+          { ...base, type: entry.type.name, index: String(index) },
+          1,
+        );
         if (!hasMetrics(entry.filter)) return;
         let reported: MetricFamily[];
         try {
@@ -100,8 +159,16 @@ export class MetricsCollector {
     f: MetricFamily,
     base: { export: string; filter: string },
   ): void {
-    if (typeof f?.name !== 'string' || !METRIC_NAME.test(f.name) || !['counter', 'gauge', 'histogram'].includes(f.type)) {
-      this.warn(`bad:${base.export}/${base.filter}/${String(f?.name)}`, base, `filter reported an invalid metric family ${JSON.stringify(f?.name)}`);
+    if (
+      typeof f?.name !== 'string' ||
+      !METRIC_NAME.test(f.name) ||
+      !['counter', 'gauge', 'histogram'].includes(f.type)
+    ) {
+      this.warn(
+        `bad:${base.export}/${base.filter}/${String(f?.name)}`,
+        base,
+        `filter reported an invalid metric family ${JSON.stringify(f?.name)}`,
+      );
       return;
     }
     const m = family(f.name, String(f.help ?? ''), f.type);
@@ -115,7 +182,11 @@ export class MetricsCollector {
         else if (k !== 'export' && k !== 'filter') labels[k] = String(v);
       }
       if (!ok) {
-        this.warn(`label:${base.export}/${base.filter}/${f.name}`, base, `metric ${f.name} has an invalid label name`);
+        this.warn(
+          `label:${base.export}/${base.filter}/${f.name}`,
+          base,
+          `metric ${f.name} has an invalid label name`,
+        );
         continue;
       }
       if (f.type === 'histogram') {
@@ -125,9 +196,18 @@ export class MetricsCollector {
         for (const b of h.buckets) {
           const le = b.le === Infinity ? '+Inf' : String(b.le);
           if (le === '+Inf') sawInf = true;
-          m.values.push({ metricName: `${f.name}_bucket`, labels: { ...labels, le }, value: b.count });
+          m.values.push({
+            metricName: `${f.name}_bucket`,
+            labels: { ...labels, le },
+            value: b.count,
+          });
         }
-        if (!sawInf) m.values.push({ metricName: `${f.name}_bucket`, labels: { ...labels, le: '+Inf' }, value: h.count });
+        if (!sawInf)
+          m.values.push({
+            metricName: `${f.name}_bucket`,
+            labels: { ...labels, le: '+Inf' },
+            value: h.count,
+          });
         m.values.push({ metricName: `${f.name}_sum`, labels, value: h.sum });
         m.values.push({ metricName: `${f.name}_count`, labels, value: h.count });
       } else {

@@ -28,7 +28,10 @@ export interface MetricsServer {
 }
 
 /** Renders the metrics text once (what `/metrics` answers). */
-export async function renderMetrics(collector: MetricsCollector, processRegistry?: Registry): Promise<string> {
+export async function renderMetrics(
+  collector: MetricsCollector,
+  processRegistry?: Registry,
+): Promise<string> {
   const snapshot = collector.snapshot();
   const registry = processRegistry ? Registry.merge([processRegistry, snapshot]) : snapshot;
   return registry.metrics();
@@ -46,11 +49,15 @@ export async function startMetricsServer(opts: MetricsServerOptions): Promise<Me
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '/').split('?', 1)[0];
     if (req.method !== 'GET' && req.method !== 'HEAD') {
-      res.writeHead(405, { Allow: 'GET, HEAD', 'Content-Type': 'text/plain' }).end('method not allowed\n');
+      res
+        .writeHead(405, { Allow: 'GET, HEAD', 'Content-Type': 'text/plain' })
+        .end('method not allowed\n');
       return;
     }
     if (path === '/') {
-      res.writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8' }).end('devfilter metrics: see /metrics\n');
+      res
+        .writeHead(200, { 'Content-Type': 'text/plain; charset=utf-8' })
+        .end('devfilter metrics: see /metrics\n');
       return;
     }
     if (path !== '/metrics') {

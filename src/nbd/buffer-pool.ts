@@ -14,6 +14,11 @@ const GRANULE = 64 * 1024;
 export class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
   private freeBytes = 0;
+  /**
+   * Memory this pool allocated: only that may come back. A buffer from Node's slab shares
+   * its memory with unrelated buffers, and handing it out again would corrupt them.
+   */
+  private readonly owned = new WeakSet<ArrayBufferLike>();
 
   constructor(
     /** Larger requests get a fresh buffer. */
@@ -26,15 +31,19 @@ export class BufferPool {
     if (size < GRANULE || size > this.maxPooled) return Buffer.allocUnsafe(size);
     const cls = Math.ceil(size / GRANULE) * GRANULE;
     const backing = this.free.get(cls)?.pop();
-    if (backing === undefined) return Buffer.allocUnsafeSlow(cls).subarray(0, size);
-    this.freeBytes -= cls;
-    return backing.subarray(0, size);
+    if (backing !== undefined) {
+      this.freeBytes -= cls;
+      return backing.subarray(0, size);
+    }
+    const fresh = Buffer.allocUnsafeSlow(cls);
+    this.owned.add(fresh.buffer);
+    return fresh.subarray(0, size);
   }
 
-  /** Returns a buffer from acquire(); buffers that were not pooled are left to the GC. */
+  /** Returns a buffer from acquire(); buffers the pool did not allocate are left to the GC. */
   release(buf: Buffer): void {
+    if (!this.owned.has(buf.buffer)) return;
     const cls = buf.buffer.byteLength;
-    if (cls < GRANULE || cls % GRANULE !== 0 || cls > this.maxPooled + GRANULE || buf.byteOffset !== 0) return;
     if (this.freeBytes + cls > this.maxFreeBytes) return;
     let list = this.free.get(cls);
     if (list === undefined) this.free.set(cls, (list = []));

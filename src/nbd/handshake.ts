@@ -59,7 +59,11 @@ const ABORT_GRACE_MS = 5000;
 
 class ProtocolViolation extends Error {}
 
-export function transmissionFlags(info: DeviceInfo, readOnly: boolean, structured: boolean): number {
+export function transmissionFlags(
+  info: DeviceInfo,
+  readOnly: boolean,
+  structured: boolean,
+): number {
   const caps = info.caps;
   const ro = readOnly || caps.readOnly;
   let flags = TFlag.HAS_FLAGS;
@@ -138,7 +142,9 @@ export class Negotiator {
       const option = header.readUInt32BE(8);
       const length = header.readUInt32BE(12);
       if (length > MAX_OPTION_BYTES) {
-        throw new ProtocolViolation(`option ${option} length ${length} exceeds ${MAX_OPTION_BYTES}`);
+        throw new ProtocolViolation(
+          `option ${option} length ${length} exceeds ${MAX_OPTION_BYTES}`,
+        );
       }
       const data = length === 0 ? Buffer.alloc(0) : await this.queue.read(length);
       if (data === null) return null;
@@ -289,7 +295,11 @@ export class Negotiator {
     }
     const exp = this.opts.exports.lookup(parsed.exportName);
     if (exp === undefined) {
-      this.replyError(option, Rep.ERR_UNKNOWN, `unknown export ${JSON.stringify(parsed.exportName)}`);
+      this.replyError(
+        option,
+        Rep.ERR_UNKNOWN,
+        `unknown export ${JSON.stringify(parsed.exportName)}`,
+      );
       return;
     }
     const available = availableContexts(exp);
@@ -390,9 +400,7 @@ function truncateUtf8(text: string, maxBytes: number): Buffer {
 }
 
 /** Parses u32 name length, name, u32 query count, then count × (u32 length, query). */
-function parseMetaContextRequest(
-  data: Buffer,
-): { exportName: string; queries: string[] } | string {
+function parseMetaContextRequest(data: Buffer): { exportName: string; queries: string[] } | string {
   if (data.length < 8) return 'request too short';
   const nameLength = data.readUInt32BE(0);
   if (nameLength > data.length - 8) return 'export name runs past the option';

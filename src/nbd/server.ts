@@ -56,7 +56,9 @@ export class NbdServer {
   }
 
   /** Listens on a unix socket path, a TCP host:port, or an inherited listening fd. */
-  async listen(where: { path: string } | { host: string; port: number } | { fd: number }): Promise<net.Server> {
+  async listen(
+    where: { path: string } | { host: string; port: number } | { fd: number },
+  ): Promise<net.Server> {
     const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (socket) =>
       this.accept(socket, clientInfoOf(socket, where)),
     );
@@ -101,7 +103,12 @@ export class NbdServer {
     return conn.done;
   }
 
-  private async serve(socket: net.Socket, client: ClientInfo, log: Logger, id: number): Promise<void> {
+  private async serve(
+    socket: net.Socket,
+    client: ClientInfo,
+    log: Logger,
+    id: number,
+  ): Promise<void> {
     const timeout = setTimeout(() => {
       log.warn('negotiation timed out');
       socket.destroy();
@@ -126,7 +133,10 @@ export class NbdServer {
       await closed;
       return;
     }
-    log.info({ export: negotiated.export.name, structured: negotiated.structuredReplies }, 'export opened');
+    log.info(
+      { export: negotiated.export.name, structured: negotiated.structuredReplies },
+      'export opened',
+    );
     const ctx: IoContext = { exportName: negotiated.export.name, client };
     const session = new TransmissionSession(socket, negotiated, ctx, this.limits, log, this.pool);
     const conn = this.connections.get(id);
@@ -144,7 +154,9 @@ export class NbdServer {
     this.shuttingDown = true;
     // A listener's close callback waits for its connections to end, so stop accepting first,
     // end the connections, and only then wait for the listeners.
-    const listenersClosed = this.listeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
+    const listenersClosed = this.listeners.map(
+      (l) => new Promise<void>((resolve) => l.close(() => resolve())),
+    );
     for (const conn of this.connections.values()) {
       if (conn.session) conn.session.shutdown();
       else conn.socket.destroy(); // still negotiating: nothing of it can be lost

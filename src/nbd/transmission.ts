@@ -9,7 +9,13 @@
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { ExtentState, RequestFlags, type Device, type Extent, type IoContext } from '../core/device.js';
+import {
+  ExtentState,
+  RequestFlags,
+  type Device,
+  type Extent,
+  type IoContext,
+} from '../core/device.js';
 import { assert, toDeviceError } from '../core/errors.js';
 import type { BufferPool } from './buffer-pool.js';
 import { ByteFifo } from './byte-fifo.js';
@@ -156,7 +162,8 @@ export class TransmissionSession {
     this.shuttingDown = true;
     // Requests already received but not yet parsed are answered ESHUTDOWN (validate() says
     // so), not dropped; the connection closes once nothing is in flight.
-    if (this.state === 'header' || this.state === 'payload' || this.state === 'discard') this.pump();
+    if (this.state === 'header' || this.state === 'payload' || this.state === 'discard')
+      this.pump();
     if (this.inFlight === 0) this.beginClose();
   }
 
@@ -185,7 +192,10 @@ export class TransmissionSession {
         // A payload inside one chunk is used in place; one spread over chunks is gathered
         // into a pooled buffer.
         req.pooled = !this.input.isContiguous(req.length);
-        req.payload = this.input.take(req.length, req.pooled ? this.pool.acquire(req.length) : undefined);
+        req.payload = this.input.take(
+          req.length,
+          req.pooled ? this.pool.acquire(req.length) : undefined,
+        );
         this.pending = undefined;
         this.state = 'header';
         this.dispatch(req);
@@ -307,7 +317,10 @@ export class TransmissionSession {
         this.replyError(req, err.errno, err.message);
       } else {
         const de = toDeviceError(err);
-        this.logger.debug({ type: req.type, offset: req.offset, length: req.length, err: de.message }, 'request failed');
+        this.logger.debug(
+          { type: req.type, offset: req.offset, length: req.length, err: de.message },
+          'request failed',
+        );
         this.replyError(req, NbdErr[de.errno], de.message);
       }
     } finally {
@@ -353,7 +366,8 @@ export class TransmissionSession {
       throw new RequestRejected(NbdErr.EPERM, 'export is read-only');
     }
     if (type === Cmd.FLUSH) {
-      if (!(this.flags & TFlag.SEND_FLUSH)) throw new RequestRejected(NbdErr.EINVAL, 'FLUSH is not supported');
+      if (!(this.flags & TFlag.SEND_FLUSH))
+        throw new RequestRejected(NbdErr.EINVAL, 'FLUSH is not supported');
       if (offset !== 0 || length !== 0) {
         throw new RequestRejected(NbdErr.EINVAL, 'FLUSH must have offset and length 0');
       }
@@ -367,20 +381,32 @@ export class TransmissionSession {
     }
     if (offset < 0 || offset > this.size || length > this.size - offset) {
       const errno = type === Cmd.WRITE || type === Cmd.WRITE_ZEROES ? NbdErr.ENOSPC : NbdErr.EINVAL;
-      throw new RequestRejected(errno, `request [${offset < 0 ? '≥2^53' : offset}, +${length}) is beyond the end of the export (${this.size} bytes)`);
+      throw new RequestRejected(
+        errno,
+        `request [${offset < 0 ? '≥2^53' : offset}, +${length}) is beyond the end of the export (${this.size} bytes)`,
+      );
     }
     if ((type === Cmd.READ || type === Cmd.WRITE) && length > this.maxPayload) {
-      throw new RequestRejected(NbdErr.EINVAL, `payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`);
+      throw new RequestRejected(
+        NbdErr.EINVAL,
+        `payload of ${length} bytes exceeds the maximum of ${this.maxPayload}`,
+      );
     }
     if (this.minBlock > 1 && type !== Cmd.CACHE && type !== Cmd.BLOCK_STATUS) {
       const end = offset + length;
       if (offset % this.minBlock !== 0 || (end % this.minBlock !== 0 && end !== this.size)) {
-        throw new RequestRejected(NbdErr.EINVAL, `request is not aligned to ${this.minBlock} bytes`);
+        throw new RequestRejected(
+          NbdErr.EINVAL,
+          `request is not aligned to ${this.minBlock} bytes`,
+        );
       }
     }
     if (type === Cmd.BLOCK_STATUS) {
       if (this.baseAllocationId === undefined) {
-        throw new RequestRejected(NbdErr.EINVAL, 'BLOCK_STATUS needs a negotiated metadata context');
+        throw new RequestRejected(
+          NbdErr.EINVAL,
+          'BLOCK_STATUS needs a negotiated metadata context',
+        );
       }
       if (length === 0) throw new RequestRejected(NbdErr.EINVAL, 'BLOCK_STATUS of zero length');
     }
@@ -410,7 +436,12 @@ export class TransmissionSession {
       const reply = this.pool.acquire(SIMPLE_REPLY_HEADER_SIZE + length);
       try {
         // All data is read before the header goes out: an error after it could not be told.
-        await this.device.read(reply.subarray(SIMPLE_REPLY_HEADER_SIZE), req.offset, flags, this.ctx);
+        await this.device.read(
+          reply.subarray(SIMPLE_REPLY_HEADER_SIZE),
+          req.offset,
+          flags,
+          this.ctx,
+        );
       } catch (err) {
         this.pool.release(reply);
         throw err;
@@ -544,7 +575,13 @@ function writeSimpleHeader(buf: Buffer, req: Request, error: number): void {
   buf.writeUInt32BE(req.cookieLo, 12);
 }
 
-function writeStructuredHeader(buf: Buffer, req: Request, flags: number, type: number, length: number): void {
+function writeStructuredHeader(
+  buf: Buffer,
+  req: Request,
+  flags: number,
+  type: number,
+  length: number,
+): void {
   buf.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
   buf.writeUInt16BE(flags, 4);
   buf.writeUInt16BE(type, 6);

@@ -23,28 +23,64 @@ after(async () => {
 
 test('a group snapshot of two exports, read by qemu-img while the origins change', async (t) => {
   if (!requireTools(t, 'qemu-io', 'qemu-img')) return;
-  const io = (u: string, cmd: string): Promise<{ code: number | null; stdout: string; stderr: string }> =>
+  const io = (
+    u: string,
+    cmd: string,
+  ): Promise<{ code: number | null; stdout: string; stderr: string }> =>
     run('qemu-io', ['-f', 'raw', '-t', 'none', '-c', cmd, u], { timeoutMs: 30_000 });
   assert.equal((await io(uri('db'), 'write -P 0x11 0 8M')).code, 0);
   assert.equal((await io(uri('logs'), 'write -P 0x33 0 4M')).code, 0);
   // A copy of db taken while nothing writes: the image must equal it byte for byte.
   const copy = join(d.dir, 'db-copy.raw');
-  assert.equal((await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri('db'), copy], { timeoutMs: 60_000 })).code, 0);
+  assert.equal(
+    (
+      await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri('db'), copy], {
+        timeoutMs: 60_000,
+      })
+    ).code,
+    0,
+  );
 
   const store = join(d.dir, 'store');
-  const created = await d.cli(['snapshot', 'create', 'monday', '--export', 'db', '--export', 'logs', '--store', store, '--limit', '64M']);
+  const created = await d.cli([
+    'snapshot',
+    'create',
+    'monday',
+    '--export',
+    'db',
+    '--export',
+    'logs',
+    '--store',
+    store,
+    '--limit',
+    '64M',
+  ]);
   assert.equal(created.code, 0, created.stderr);
   assert.match(created.stdout, /^db\s+monday\s+1\s+\S+\s+active\s+db@monday$/m);
   assert.match(created.stdout, /^logs\s+monday\s+1\s+\S+\s+active\s+logs@monday$/m);
 
   assert.equal((await io(uri('db'), 'write -P 0x22 1M 2M')).code, 0); // the origin moves on
-  const compare = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', uri('db@monday'), copy], { timeoutMs: 60_000 });
+  const compare = await run(
+    'qemu-img',
+    ['compare', '-f', 'raw', '-F', 'raw', uri('db@monday'), copy],
+    { timeoutMs: 60_000 },
+  );
   assert.equal(compare.code, 0, `image differs from the copy: ${compare.stdout}${compare.stderr}`);
-  const logs = await run('qemu-io', ['-r', '-f', 'raw', '-c', 'read -P 0x33 0 4M', uri('logs@monday')], { timeoutMs: 30_000 });
+  const logs = await run(
+    'qemu-io',
+    ['-r', '-f', 'raw', '-c', 'read -P 0x33 0 4M', uri('logs@monday')],
+    { timeoutMs: 30_000 },
+  );
   assert.doesNotMatch(logs.stdout + logs.stderr, /fail|error/i);
 
-  const list = await d.json<{ snapshots: Array<{ export: string; name: string; state: string }> }>(['snapshot', 'list']);
-  assert.deepEqual(list.snapshots.map((s) => `${s.export}@${s.name}:${s.state}`).sort(), ['db@monday:active', 'logs@monday:active']);
+  const list = await d.json<{ snapshots: Array<{ export: string; name: string; state: string }> }>([
+    'snapshot',
+    'list',
+  ]);
+  assert.deepEqual(list.snapshots.map((s) => `${s.export}@${s.name}:${s.state}`).sort(), [
+    'db@monday:active',
+    'logs@monday:active',
+  ]);
 
   const del = await d.cli(['snapshot', 'delete', 'db', 'monday']);
   assert.equal(del.code, 0, del.stderr);

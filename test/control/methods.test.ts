@@ -464,6 +464,9 @@ describe('the schemas', () => {
       'filter.status': { export: 'ghost', name: 'x' },
       'filter.loadModule': { spec: '/nonexistent/x.mjs' },
       'export.status': { export: 'ghost' },
+      'snapshot.create': { name: 's', exports: ['ghost'] },
+      'snapshot.delete': { export: 'ghost', name: 's' },
+      'snapshot.status': { export: 'ghost' },
     };
     for (const m of METHOD_NAMES) {
       try {

@@ -7,13 +7,23 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { crashRound, type RoundOptions } from './harness.js';
 
-const baseSeed = process.env.TORTURE_SEED !== undefined ? Number(process.env.TORTURE_SEED) : Date.now() % 1_000_000;
+const baseSeed =
+  process.env.TORTURE_SEED !== undefined
+    ? Number(process.env.TORTURE_SEED)
+    : Date.now() % 1_000_000;
 
 const scenarios: Array<[string, Omit<RoundOptions, 'seed'>]> = [
   ['plain file export', {}],
-  ['stats, fault (no rules) and throttle (high limit) in the stack', {
-    filters: [{ type: 'stats' }, { type: 'fault' }, { type: 'throttle', args: { iops: 1_000_000 } }],
-  }],
+  [
+    'stats, fault (no rules) and throttle (high limit) in the stack',
+    {
+      filters: [
+        { type: 'stats' },
+        { type: 'fault' },
+        { type: 'throttle', args: { iops: 1_000_000 } },
+      ],
+    },
+  ],
   ['filters created and removed while the daemon is killed', { churn: true }],
 ];
 
@@ -22,9 +32,14 @@ for (const [i, [name, opts]] of scenarios.entries()) {
     for (let round = 0; round < 3; round++) {
       const seed = baseSeed + i * 1000 + round;
       const r = await crashRound({ ...opts, seed });
-      assert.deepEqual(r.lost, [], `seed ${seed} (replay with TORTURE_SEED=${seed - i * 1000 - round}): ${r.lost.length} durable blocks lost`);
+      assert.deepEqual(
+        r.lost,
+        [],
+        `seed ${seed} (replay with TORTURE_SEED=${seed - i * 1000 - round}): ${r.lost.length} durable blocks lost`,
+      );
       assert.ok(r.acknowledged > 0, `seed ${seed}: no request completed before the kill`);
-      if (opts.churn) assert.ok(r.stackChanges > 0, `seed ${seed}: the stack never changed before the kill`);
+      if (opts.churn)
+        assert.ok(r.stackChanges > 0, `seed ${seed}: the stack never changed before the kill`);
     }
   });
 }

@@ -84,7 +84,12 @@ interface Daemon {
   stderr: () => string;
 }
 
-async function startDaemon(dir: string, image: string, blocks: number, opts: RoundOptions): Promise<Daemon> {
+async function startDaemon(
+  dir: string,
+  image: string,
+  blocks: number,
+  opts: RoundOptions,
+): Promise<Daemon> {
   const config = join(dir, 'devfilter.yaml');
   const socket = join(dir, 'nbd.sock');
   writeFileSync(
@@ -150,7 +155,12 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
         const type = types[i % types.length]!;
         const args = type === 'throttle' ? { iops: 1_000_000 } : {};
         try {
-          await callOnce(control, 'filter.create', { export: 'disk', type, name: `churn-${i}`, args });
+          await callOnce(control, 'filter.create', {
+            export: 'disk',
+            type,
+            name: `churn-${i}`,
+            args,
+          });
           stackChanges++;
           firstChange();
           await callOnce(control, 'filter.remove', { export: 'disk', name: `churn-${i}` });
@@ -197,10 +207,12 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
           }
           send = () => client.write(first * BLOCK, data, flags);
         } else if (roll < 0.88) {
-          for (let b = first; b < first + count; b++) added.push([b, { content: { kind: 'zero' }, acked: false }]);
+          for (let b = first; b < first + count; b++)
+            added.push([b, { content: { kind: 'zero' }, acked: false }]);
           send = () => client.writeZeroes(first * BLOCK, count * BLOCK, flags);
         } else {
-          for (let b = first; b < first + count; b++) added.push([b, { content: { kind: 'any' }, acked: false }]);
+          for (let b = first; b < first + count; b++)
+            added.push([b, { content: { kind: 'any' }, acked: false }]);
           send = () => client.trim(first * BLOCK, count * BLOCK, flags);
         }
         for (const [b, v] of added) history[b]!.push(v);
@@ -225,7 +237,11 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
         }
       }
     };
-    await Promise.all([...Array.from({ length: depth }, worker), opts.churn ? churn() : Promise.resolve(), killer]);
+    await Promise.all([
+      ...Array.from({ length: depth }, worker),
+      opts.churn ? churn() : Promise.resolve(),
+      killer,
+    ]);
     await client.close();
     await daemon.exited;
 

@@ -17,7 +17,10 @@ let client: NbdClient;
 before(async () => {
   const types = new FilterTypeRegistry();
   const loaded = await types.load('./examples/protect-filter.js', REPO_ROOT);
-  assert.deepEqual(loaded.map((t) => t.name), ['protect']);
+  assert.deepEqual(
+    loaded.map((t) => t.name),
+    ['protect'],
+  );
   manager = new DeviceManager(types, pino({ level: 'silent' }));
   const exp = manager.addExport('disk', new MemoryBackend({ size: 16 * MIB }));
   server = await startTestServer([{ name: 'disk', device: exp.stack }]);
@@ -33,14 +36,20 @@ const isEperm = (e: unknown): boolean => e instanceof NbdRequestError && e.errno
 
 test('writes into a protected range fail with EPERM, exactly there, live', async () => {
   await client.write(0, Buffer.alloc(4096, 1)); // before the filter: allowed
-  await manager.createFilter('disk', 'protect', { args: { ranges: JSON.stringify([[MIB, 2 * MIB]]) } });
+  await manager.createFilter('disk', 'protect', {
+    args: { ranges: JSON.stringify([[MIB, 2 * MIB]]) },
+  });
   await client.write(MIB - 4096, Buffer.alloc(4096, 2)); // ends right at the range
   await client.write(2 * MIB, Buffer.alloc(4096, 2)); // starts right after it
   await assert.rejects(client.write(MIB - 1, Buffer.alloc(2)), isEperm);
   await assert.rejects(client.write(2 * MIB - 1, Buffer.alloc(1)), isEperm);
   await assert.rejects(client.trim(MIB, 4096), isEperm);
   await assert.rejects(client.writeZeroes(MIB + 512, 512), isEperm);
-  assert.deepEqual([...(await client.read(MIB - 1, 2))], [2, 0], 'nothing was written by the refused request');
+  assert.deepEqual(
+    [...(await client.read(MIB - 1, 2))],
+    [2, 0],
+    'nothing was written by the refused request',
+  );
 
   await manager.control('disk', 'protect', 'add', { start: '8388608', end: '9437184' });
   await assert.rejects(client.write(8 * MIB, Buffer.alloc(1)), isEperm);
@@ -51,7 +60,10 @@ test('writes into a protected range fail with EPERM, exactly there, live', async
     ],
     denied: 5,
   });
-  await assert.rejects(manager.control('disk', 'protect', 'add', { start: 5, end: 1 }), /invalid range/);
+  await assert.rejects(
+    manager.control('disk', 'protect', 'add', { start: 5, end: 1 }),
+    /invalid range/,
+  );
 
   await manager.removeFilter('disk', 'protect');
   await client.write(MIB, Buffer.alloc(1, 3)); // gone: allowed again

@@ -22,7 +22,13 @@ interface RuleStatus {
 interface FaultStatus {
   seed: number;
   rules: RuleStatus[];
-  injected: { errors: number; delayed: number; dropped: number; droppedBytes: number; torn: number };
+  injected: {
+    errors: number;
+    delayed: number;
+    dropped: number;
+    droppedBytes: number;
+    torn: number;
+  };
 }
 
 /** The errno name a request failed with, or null if it succeeded. */
@@ -85,7 +91,9 @@ describe('fault filter', () => {
   });
 
   test('errno, ops list and sizes given as strings (the command line form)', async () => {
-    await fx.control('f', 'set-rules', { rules: '[{"action":"error","ops":"write,trim","start":"2M","end":"3M","errno":"ENOSPC"}]' });
+    await fx.control('f', 'set-rules', {
+      rules: '[{"action":"error","ops":"write,trim","start":"2M","end":"3M","errno":"ENOSPC"}]',
+    });
     assert.equal(await outcome(c.write(2 * MiB, pattern(4096, 1))), 'ENOSPC');
     assert.equal(await outcome(c.trim(3 * MiB - 4096, 4096)), 'ENOSPC');
     assert.equal(await outcome(c.writeZeroes(2 * MiB, 4096)), null);
@@ -95,7 +103,12 @@ describe('fault filter', () => {
     await fx.control('f', 'add-rule', { action: 'error', start: '2M', end: '3M' });
     assert.equal(await outcome(c.flush()), null);
     // add-rule takes the rule as its arguments, all strings.
-    const added = await fx.control<RuleStatus>('f', 'add-rule', { action: 'error', ops: 'flush', errno: 'EIO', count: '1' });
+    const added = await fx.control<RuleStatus>('f', 'add-rule', {
+      action: 'error',
+      ops: 'flush',
+      errno: 'EIO',
+      count: '1',
+    });
     assert.equal(await outcome(c.flush()), 'EIO');
     assert.equal(await outcome(c.flush()), null, 'count=1: fired once');
     assert.equal(fx.status<FaultStatus>('f').rules.find((r) => r.id === added.id)!.exhausted, true);
@@ -106,7 +119,9 @@ describe('fault filter', () => {
   });
 
   test('after and count', async () => {
-    await fx.control('f', 'set-rules', { rules: [{ action: 'error', ops: 'write', after: 3, count: 2 }] });
+    await fx.control('f', 'set-rules', {
+      rules: [{ action: 'error', ops: 'write', after: 3, count: 2 }],
+    });
     const results: Array<string | null> = [];
     for (let i = 0; i < 8; i++) results.push(await outcome(c.write(i * 4096, pattern(4096, i))));
     assert.deepEqual(results, [null, null, null, 'EIO', 'EIO', null, null, null]);
@@ -117,10 +132,17 @@ describe('fault filter', () => {
 
   test('probability with a seed is reproducible', async () => {
     const run = async (seed: number): Promise<string> => {
-      await fx.control('f', 'set-rules', { seed, rules: [{ action: 'error', ops: 'write', probability: 0.3 }, { action: 'error', ops: 'read', probability: '0.5', errno: 'EPERM' }] });
+      await fx.control('f', 'set-rules', {
+        seed,
+        rules: [
+          { action: 'error', ops: 'write', probability: 0.3 },
+          { action: 'error', ops: 'read', probability: '0.5', errno: 'EPERM' },
+        ],
+      });
       let failures = '';
       for (let i = 0; i < 200; i++) {
-        failures += (await outcome(c.write((i % 64) * 4096, pattern(4096, i)))) === null ? '.' : 'W';
+        failures +=
+          (await outcome(c.write((i % 64) * 4096, pattern(4096, i)))) === null ? '.' : 'W';
         failures += (await outcome(c.read((i % 64) * 4096, 512))) === null ? '.' : 'R';
       }
       return failures;
@@ -139,7 +161,13 @@ describe('fault filter', () => {
     await fx.manager.removeFilter('mem', 'f');
     await fx.manager.createFilter('mem', 'fault', {
       name: 'f',
-      args: { seed: '42', rules: JSON.stringify([{ action: 'error', ops: 'write', probability: 0.3 }, { action: 'error', ops: 'read', probability: 0.5, errno: 'EPERM' }]) },
+      args: {
+        seed: '42',
+        rules: JSON.stringify([
+          { action: 'error', ops: 'write', probability: 0.3 },
+          { action: 'error', ops: 'read', probability: 0.5, errno: 'EPERM' },
+        ]),
+      },
     });
     let again = '';
     for (let i = 0; i < 200; i++) {
@@ -150,7 +178,9 @@ describe('fault filter', () => {
   });
 
   test('delay holds matching requests, then passes them', async () => {
-    await fx.control('f', 'set-rules', { rules: [{ action: 'delay', ops: 'read', delayMs: 120, start: 0, end: MiB }] });
+    await fx.control('f', 'set-rules', {
+      rules: [{ action: 'delay', ops: 'read', delayMs: 120, start: 0, end: MiB }],
+    });
     await c.write(0, pattern(4096, 7));
     let t = performance.now();
     assert.deepEqual(await c.read(0, 4096), pattern(4096, 7));
@@ -170,7 +200,9 @@ describe('fault filter', () => {
   });
 
   test('flakey: up, then down, in cycles', async () => {
-    await fx.control('f', 'set-rules', { rules: [{ action: 'flakey', ops: 'read', upMs: 150, downMs: 150, errno: 'EIO' }] });
+    await fx.control('f', 'set-rules', {
+      rules: [{ action: 'flakey', ops: 'read', upMs: 150, downMs: 150, errno: 'EIO' }],
+    });
     const t0 = performance.now();
     const samples: Array<{ at: number; ok: boolean }> = [];
     while (performance.now() - t0 < 600) {
@@ -191,7 +223,9 @@ describe('fault filter', () => {
 
   test('drop: a write is lost silently, reads pass', async () => {
     await c.write(4 * MiB, pattern(8192, 100));
-    await fx.control('f', 'set-rules', { rules: [{ action: 'drop', start: 4 * MiB, end: 5 * MiB }] });
+    await fx.control('f', 'set-rules', {
+      rules: [{ action: 'drop', start: 4 * MiB, end: 5 * MiB }],
+    });
     assert.deepEqual(fx.status<FaultStatus>('f').rules[0]!.ops, ['write', 'trim', 'zero']);
     await c.write(4 * MiB, pattern(8192, 200)); // reported success
     await c.writeZeroes(4 * MiB, 4096);
@@ -224,10 +258,16 @@ describe('fault filter', () => {
 
   test('rules are validated with clear errors', async () => {
     const bad: Array<[unknown, RegExp]> = [
-      [[{ action: 'explode' }], /rules\[0\]: action must be one of "error", "delay", "flakey", "drop", "torn"/],
+      [
+        [{ action: 'explode' }],
+        /rules\[0\]: action must be one of "error", "delay", "flakey", "drop", "torn"/,
+      ],
       [[{ action: 'error', probability: 2 }], /rules\[0\]: probability must be <= 1/],
       [[{ action: 'error', ops: 'read,frobnicate' }], /unknown operation "frobnicate"/],
-      [[{ action: 'drop', ops: 'read' }], /action "drop" applies only to write, trim, zero \(not read\)/],
+      [
+        [{ action: 'drop', ops: 'read' }],
+        /action "drop" applies only to write, trim, zero \(not read\)/,
+      ],
       [[{ action: 'delay' }], /needs delayMs/],
       [[{ action: 'flakey', upMs: 10 }], /needs upMs and downMs/],
       [[{ action: 'error', start: 100, end: 50 }], /end \(50\) must be greater than start \(100\)/],
@@ -246,13 +286,24 @@ describe('fault filter', () => {
         return true;
       });
     }
-    assert.equal(fx.status<FaultStatus>('f').rules.length, before, 'a refused change changes nothing');
+    assert.equal(
+      fx.status<FaultStatus>('f').rules.length,
+      before,
+      'a refused change changes nothing',
+    );
     await assert.rejects(fx.control('f', 'remove-rule', { id: 999 }), /no rule with id 999/);
     await assert.rejects(fx.control('f', 'explode'), /fault has no command "explode"/);
     await assert.rejects(
-      fx.manager.createFilter('mem', 'fault', { args: { rules: [{ action: 'error', probability: 5 }] } }),
+      fx.manager.createFilter('mem', 'fault', {
+        args: { rules: [{ action: 'error', probability: 5 }] },
+      }),
       /probability must be <= 1/,
     );
-    await assert.rejects(fx.manager.createFilter('mem', 'fault', { args: { rules: '[{"action":"drop","ops":"flush"}]' } }), /applies only to/);
+    await assert.rejects(
+      fx.manager.createFilter('mem', 'fault', {
+        args: { rules: '[{"action":"drop","ops":"flush"}]' },
+      }),
+      /applies only to/,
+    );
   });
 });

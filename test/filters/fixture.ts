@@ -25,7 +25,11 @@ export interface Fixture {
   connect(): Promise<NbdClient>;
   /** Status of a filter on the export (its `status()`). */
   status<T = Record<string, unknown>>(filter: string): T;
-  control<T = Record<string, unknown>>(filter: string, command: string, args?: Record<string, unknown>): Promise<T>;
+  control<T = Record<string, unknown>>(
+    filter: string,
+    command: string,
+    args?: Record<string, unknown>,
+  ): Promise<T>;
   close(): Promise<void>;
 }
 
@@ -82,7 +86,11 @@ export function pattern(length: number, seed: number): Buffer {
 }
 
 /** Runs `worker` with `concurrency` copies until `ms` have passed; resolves with each copy's count. */
-export async function runFor(ms: number, concurrency: number, worker: (i: number) => Promise<void>): Promise<number[]> {
+export async function runFor(
+  ms: number,
+  concurrency: number,
+  worker: (i: number) => Promise<void>,
+): Promise<number[]> {
   const end = performance.now() + ms;
   const counts = new Array<number>(concurrency).fill(0);
   await Promise.all(

@@ -45,7 +45,11 @@ describe('live attach and detach', () => {
         } else if (r < 0.9) {
           const got = await c.read(base + b * BLOCK, BLOCK);
           const s = model[w]![b]!;
-          assert.deepEqual(got, s === 0 ? Buffer.alloc(BLOCK) : pattern(BLOCK, s), `worker ${w} block ${b}`);
+          assert.deepEqual(
+            got,
+            s === 0 ? Buffer.alloc(BLOCK) : pattern(BLOCK, s),
+            `worker ${w} block ${b}`,
+          );
         } else if (r < 0.95) {
           await c.writeZeroes(base + b * BLOCK, BLOCK);
           model[w]![b] = 0;
@@ -79,16 +83,32 @@ describe('live attach and detach', () => {
         },
       });
       await pause(60);
-      await m.createFilter('mem', 'throttle', { name: 'throttle', position: cycle % 2 === 0 ? { at: 'top' } : { at: 'bottom' }, args: { iops: 4000, bps: '64M' } });
+      await m.createFilter('mem', 'throttle', {
+        name: 'throttle',
+        position: cycle % 2 === 0 ? { at: 'top' } : { at: 'bottom' },
+        args: { iops: 4000, bps: '64M' },
+      });
       await pause(80);
       await m.control('mem', 'throttle', 'set', { iops: 1500 });
-      await m.control('mem', 'fault', 'add-rule', { action: 'error', ops: 'write', start: outside, end: outside + 4096 });
+      await m.control('mem', 'fault', 'add-rule', {
+        action: 'error',
+        ops: 'write',
+        start: outside,
+        end: outside + 4096,
+      });
       await pause(80);
-      const s = m.filterStatus('mem', 'stats').status as { totals: { requests: number; errors: number } };
+      const s = m.filterStatus('mem', 'stats').status as {
+        totals: { requests: number; errors: number };
+      };
       assert.equal(s.totals.errors, 0);
       statsSeen += s.totals.requests;
       // Remove in a different order each cycle.
-      const order = [['stats', 'fault', 'throttle'], ['throttle', 'stats', 'fault'], ['fault', 'throttle', 'stats'], ['throttle', 'fault', 'stats']][cycle]!;
+      const order = [
+        ['stats', 'fault', 'throttle'],
+        ['throttle', 'stats', 'fault'],
+        ['fault', 'throttle', 'stats'],
+        ['throttle', 'fault', 'stats'],
+      ][cycle]!;
       for (const name of order) {
         await m.removeFilter('mem', name);
         await pause(30);
@@ -109,12 +129,19 @@ describe('live attach and detach', () => {
       const all = await clients[w % CONNECTIONS]!.read(w * REGION, REGION);
       for (let b = 0; b < BLOCKS; b++) {
         const s = model[w]![b]!;
-        assert.ok(all.subarray(b * BLOCK, (b + 1) * BLOCK).equals(s === 0 ? Buffer.alloc(BLOCK) : pattern(BLOCK, s)), `worker ${w} block ${b}`);
+        assert.ok(
+          all
+            .subarray(b * BLOCK, (b + 1) * BLOCK)
+            .equals(s === 0 ? Buffer.alloc(BLOCK) : pattern(BLOCK, s)),
+          `worker ${w} block ${b}`,
+        );
       }
     }
     const total = ops.reduce((a, b) => a + b, 0);
     const st = fx.exp.stack.stats();
-    t.diagnostic(`${total} verified requests across ${fx.exp.stack.stats().changes} stack changes (last pause ${st.lastPauseMs.toFixed(2)} ms); stats filters counted ${statsSeen}`);
+    t.diagnostic(
+      `${total} verified requests across ${fx.exp.stack.stats().changes} stack changes (last pause ${st.lastPauseMs.toFixed(2)} ms); stats filters counted ${statsSeen}`,
+    );
     assert.ok(total > 200, `enough I/O happened (${total})`);
     assert.ok(statsSeen > 0);
     assert.equal(st.inFlight, 0);

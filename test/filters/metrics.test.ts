@@ -9,7 +9,13 @@ import { after, before, describe, test } from 'node:test';
 import { pino } from 'pino';
 import type { FilterType } from '../../src/core/filter.js';
 import { mulberry32 } from '../../src/filters/fault/rng.js';
-import { BUCKET_BOUNDS_MS, FINITE_BUCKETS, BUCKETS, bucketOf, quantileMs } from '../../src/filters/stats/histogram.js';
+import {
+  BUCKET_BOUNDS_MS,
+  FINITE_BUCKETS,
+  BUCKETS,
+  bucketOf,
+  quantileMs,
+} from '../../src/filters/stats/histogram.js';
 import { TokenBucket } from '../../src/filters/throttle/bucket.js';
 import { MetricsCollector } from '../../src/metrics/collector.js';
 import { renderMetrics } from '../../src/metrics/server.js';
@@ -30,10 +36,34 @@ const external: FilterType = {
       },
       metrics(): MetricFamily[] {
         return [
-          { name: 'counting_writes_total', help: 'Writes seen.', type: 'counter', samples: [{ labels: { filter: 'spoofed', kind: 'w' }, value: writes }] },
-          { name: 'counting_sizes', help: 'A histogram without +Inf.', type: 'histogram', samples: [{ buckets: [{ le: 1, count: 1 }, { le: 2, count: 3 }], sum: 4.5, count: 4 }] },
+          {
+            name: 'counting_writes_total',
+            help: 'Writes seen.',
+            type: 'counter',
+            samples: [{ labels: { filter: 'spoofed', kind: 'w' }, value: writes }],
+          },
+          {
+            name: 'counting_sizes',
+            help: 'A histogram without +Inf.',
+            type: 'histogram',
+            samples: [
+              {
+                buckets: [
+                  { le: 1, count: 1 },
+                  { le: 2, count: 3 },
+                ],
+                sum: 4.5,
+                count: 4,
+              },
+            ],
+          },
           { name: 'bad name!', help: 'skipped', type: 'gauge', samples: [{ value: 1 }] },
-          { name: 'counting_bad_labels', help: 'skipped sample', type: 'gauge', samples: [{ labels: { 'no-dash': 'x' }, value: 1 }] },
+          {
+            name: 'counting_bad_labels',
+            help: 'skipped sample',
+            type: 'gauge',
+            samples: [{ labels: { 'no-dash': 'x' }, value: 1 }],
+          },
         ];
       },
     };
@@ -69,13 +99,17 @@ describe('metrics collector', () => {
   test('fault, throttle and external filters expose metrics; broken ones are skipped', async () => {
     await fx.manager.createFilter('mem', 'counting', { name: 'cnt' });
     await fx.manager.createFilter('mem', 'broken-metrics', { name: 'brk' });
-    await fx.manager.createFilter('mem', 'fault', { name: 'f', args: { rules: [{ action: 'error', ops: 'read', start: 0, end: 4096, name: 'first page' }] } });
+    await fx.manager.createFilter('mem', 'fault', {
+      name: 'f',
+      args: { rules: [{ action: 'error', ops: 'read', start: 0, end: 4096, name: 'first page' }] },
+    });
     await fx.manager.createFilter('mem', 'throttle', { name: 't', args: { writeIops: 10000 } });
     const c = await fx.connect();
     for (let i = 0; i < 5; i++) await c.write(i * 4096, pattern(4096, i));
     await c.read(0, 512).catch(() => undefined);
     const text = await renderMetrics(new MetricsCollector(fx.manager, pino({ level: 'silent' })));
-    const has = (line: string): void => assert.ok(text.split('\n').includes(line), `missing: ${line}\n${text}`);
+    const has = (line: string): void =>
+      assert.ok(text.split('\n').includes(line), `missing: ${line}\n${text}`);
     has('counting_writes_total{export="mem",filter="cnt",kind="w"} 5');
     has('counting_sizes_bucket{export="mem",filter="cnt",le="1"} 1');
     has('counting_sizes_bucket{export="mem",filter="cnt",le="+Inf"} 4');
@@ -83,12 +117,14 @@ describe('metrics collector', () => {
     has('counting_sizes_count{export="mem",filter="cnt"} 4');
     assert.ok(!text.includes('bad name'));
     assert.ok(!/^counting_bad_labels\{/m.test(text));
-    has('devfilter_fault_rule_hits_total{export="mem",filter="f",rule="1",action="error",name="first page"} 1');
+    has(
+      'devfilter_fault_rule_hits_total{export="mem",filter="f",rule="1",action="error",name="first page"} 1',
+    );
     has('devfilter_fault_injected_total{export="mem",filter="f",kind="error"} 1');
     has('devfilter_throttle_requests_total{export="mem",filter="t",class="write"} 5');
     has('devfilter_export_filters{export="mem"} 4');
     has('devfilter_filter_info{export="mem",filter="brk",type="broken-metrics",index="2"} 1');
-    assert.ok(!text.includes('spoofed'), "a filter cannot set its own filter label");
+    assert.ok(!text.includes('spoofed'), 'a filter cannot set its own filter label');
     assert.equal(await fx.manager.removeAll('mem'), 4);
     const after = await renderMetrics(new MetricsCollector(fx.manager, pino({ level: 'silent' })));
     assert.ok(!after.includes('filter="cnt"'), 'removed filters leave no series');

@@ -27,7 +27,14 @@ interface StatsStatus {
 interface TraceResult {
   capacity: number;
   recorded: number;
-  entries: Array<{ time: string; op: string; offset: number; length: number; latencyMs: number; result: string }>;
+  entries: Array<{
+    time: string;
+    op: string;
+    offset: number;
+    length: number;
+    latencyMs: number;
+    result: string;
+  }>;
 }
 
 describe('stats filter', () => {
@@ -42,7 +49,15 @@ describe('stats filter', () => {
   test('counts and bytes match the I/O done, per operation', async () => {
     await fx.manager.createFilter('mem', 'stats', { name: 'st' });
     const c = await fx.connect();
-    const expect = { read: [0, 0], write: [0, 0], flush: [0, 0], trim: [0, 0], zero: [0, 0], cache: [0, 0], 'block-status': [0, 0] };
+    const expect = {
+      read: [0, 0],
+      write: [0, 0],
+      flush: [0, 0],
+      trim: [0, 0],
+      zero: [0, 0],
+      cache: [0, 0],
+      'block-status': [0, 0],
+    };
     for (let i = 0; i < 50; i++) {
       const len = (1 + (i % 7)) * 4 * KiB;
       await c.write(i * 64 * KiB, pattern(len, i));
@@ -82,9 +97,18 @@ describe('stats filter', () => {
       assert.equal(o.errors, 0, `${op} errors`);
       assert.equal(o.inFlight, 0, `${op} in flight`);
       // The histogram holds every completed request.
-      assert.equal(o.histogram.reduce((n, [, k]) => n + k, 0), requests, `${op} histogram count`);
+      assert.equal(
+        o.histogram.reduce((n, [, k]) => n + k, 0),
+        requests,
+        `${op} histogram count`,
+      );
       if (requests > 0) {
-        assert.ok(o.latencyMs.p50 > 0 && o.latencyMs.p50 <= o.latencyMs.p90 && o.latencyMs.p90 <= o.latencyMs.p99, `${op} percentiles ordered`);
+        assert.ok(
+          o.latencyMs.p50 > 0 &&
+            o.latencyMs.p50 <= o.latencyMs.p90 &&
+            o.latencyMs.p90 <= o.latencyMs.p99,
+          `${op} percentiles ordered`,
+        );
         assert.ok(o.latencyMs.p99 <= o.latencyMs.max, `${op} p99 <= max`);
       }
       totalRequests += requests;
@@ -107,7 +131,12 @@ describe('stats filter', () => {
     await fx.manager.createFilter('mem', 'fault', {
       name: 'f',
       position: { below: 'st' },
-      args: { rules: [{ action: 'error', ops: 'write', start: 1 * MiB, end: 2 * MiB, errno: 'ENOSPC' }, { action: 'error', ops: 'read', start: 3 * MiB, end: 3 * MiB + 4096 }] },
+      args: {
+        rules: [
+          { action: 'error', ops: 'write', start: 1 * MiB, end: 2 * MiB, errno: 'ENOSPC' },
+          { action: 'error', ops: 'read', start: 3 * MiB, end: 3 * MiB + 4096 },
+        ],
+      },
     });
     const c = await fx.connect();
     let failedWrites = 0;
@@ -161,7 +190,10 @@ describe('stats filter', () => {
     );
     assert.ok(t.entries.every((e) => e.latencyMs >= 0 && !Number.isNaN(Date.parse(e.time))));
     const last2 = await fx.control<TraceResult>('tr', 'trace', { limit: '2', clear: 'true' });
-    assert.deepEqual(last2.entries.map((e) => e.op), ['read', 'flush']);
+    assert.deepEqual(
+      last2.entries.map((e) => e.op),
+      ['read', 'flush'],
+    );
     assert.equal((await fx.control<TraceResult>('tr', 'trace')).entries.length, 0);
     await assert.rejects(fx.control('tr', 'trace', { limit: 'many' }), /limit must be integer/);
     await assert.rejects(fx.control('tr', 'bogus'), /no command "bogus"/);
@@ -169,8 +201,14 @@ describe('stats filter', () => {
   });
 
   test('bad arguments are refused', async () => {
-    await assert.rejects(fx.manager.createFilter('mem', 'stats', { args: { trace: -1 } }), /trace must be >= 0/);
-    await assert.rejects(fx.manager.createFilter('mem', 'stats', { args: { nope: 1 } }), /unknown argument "nope"/);
+    await assert.rejects(
+      fx.manager.createFilter('mem', 'stats', { args: { trace: -1 } }),
+      /trace must be >= 0/,
+    );
+    await assert.rejects(
+      fx.manager.createFilter('mem', 'stats', { args: { nope: 1 } }),
+      /unknown argument "nope"/,
+    );
   });
 
   test('the Prometheus endpoint exports the counters and histograms', async () => {
@@ -178,14 +216,21 @@ describe('stats filter', () => {
     const c = await fx.connect();
     for (let i = 0; i < 10; i++) await c.write(8 * MiB + i * 4096, pattern(4096, i));
     for (let i = 0; i < 7; i++) await c.read(8 * MiB, 1024);
-    const metrics = await startMetricsServer({ manager: fx.manager, host: '127.0.0.1', port: 0, logger: pino({ level: 'silent' }) });
+    const metrics = await startMetricsServer({
+      manager: fx.manager,
+      host: '127.0.0.1',
+      port: 0,
+      logger: pino({ level: 'silent' }),
+    });
     try {
       const res = await fetch(`http://127.0.0.1:${metrics.port}/metrics`);
       assert.equal(res.status, 200);
       assert.match(res.headers.get('content-type') ?? '', /^text\/plain; version=0\.0\.4/);
       const samples = parsePrometheus(await res.text());
       const value = (name: string, labels: Record<string, string>): number | undefined =>
-        samples.find((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v))?.value;
+        samples.find(
+          (s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v),
+        )?.value;
       const st = { export: 'mem', filter: 'st' };
       assert.equal(value('devfilter_requests_total', { ...st, op: 'write' }), 10);
       assert.equal(value('devfilter_requests_total', { ...st, op: 'read' }), 7);
@@ -193,23 +238,42 @@ describe('stats filter', () => {
       assert.equal(value('devfilter_request_bytes_total', { ...st, op: 'read' }), 7168);
       assert.equal(value('devfilter_requests_in_flight', { ...st, op: 'read' }), 0);
       assert.equal(value('devfilter_request_duration_seconds_count', { ...st, op: 'write' }), 10);
-      assert.equal(value('devfilter_request_duration_seconds_bucket', { ...st, op: 'write', le: '+Inf' }), 10);
+      assert.equal(
+        value('devfilter_request_duration_seconds_bucket', { ...st, op: 'write', le: '+Inf' }),
+        10,
+      );
       // Buckets are cumulative.
       const buckets = samples
-        .filter((s) => s.name === 'devfilter_request_duration_seconds_bucket' && s.labels.op === 'write' && s.labels.filter === 'st')
+        .filter(
+          (s) =>
+            s.name === 'devfilter_request_duration_seconds_bucket' &&
+            s.labels.op === 'write' &&
+            s.labels.filter === 'st',
+        )
         .map((s) => s.value);
       assert.equal(buckets.length, 22);
       for (let i = 1; i < buckets.length; i++) assert.ok(buckets[i]! >= buckets[i - 1]!);
       assert.ok(value('devfilter_request_duration_seconds_sum', { ...st, op: 'write' })! > 0);
       // Earlier errors survived in the counter until the reset; none since.
-      assert.equal(samples.filter((s) => s.name === 'devfilter_request_errors_total' && s.labels.filter === 'st').length, 0);
+      assert.equal(
+        samples.filter(
+          (s) => s.name === 'devfilter_request_errors_total' && s.labels.filter === 'st',
+        ).length,
+        0,
+      );
       assert.equal(value('devfilter_export_size_bytes', { export: 'mem' }), 16 * MiB);
       assert.equal(value('devfilter_export_in_flight_requests', { export: 'mem' }), 0);
       assert.equal(value('devfilter_export_held_requests', { export: 'mem' }), 0);
       assert.equal(value('devfilter_filter_info', { ...st, type: 'stats' }), 1);
-      assert.ok(samples.some((s) => s.name === 'process_cpu_user_seconds_total'), 'process metrics');
+      assert.ok(
+        samples.some((s) => s.name === 'process_cpu_user_seconds_total'),
+        'process metrics',
+      );
       assert.equal((await fetch(`http://127.0.0.1:${metrics.port}/nope`)).status, 404);
-      assert.equal((await fetch(`http://127.0.0.1:${metrics.port}/metrics`, { method: 'POST' })).status, 405);
+      assert.equal(
+        (await fetch(`http://127.0.0.1:${metrics.port}/metrics`, { method: 'POST' })).status,
+        405,
+      );
     } finally {
       await metrics.close();
     }
@@ -251,7 +315,14 @@ function parsePrometheus(text: string): Sample[] {
       assert.equal(consumed, m[2].length, `bad labels: ${line}`);
     }
     // Go's ParseFloat (Prometheus) takes NaN in any case; prom-client writes "Nan".
-    const value = m[3] === '+Inf' ? Infinity : m[3] === '-Inf' ? -Infinity : /^nan$/i.test(m[3]!) ? NaN : Number(m[3]);
+    const value =
+      m[3] === '+Inf'
+        ? Infinity
+        : m[3] === '-Inf'
+          ? -Infinity
+          : /^nan$/i.test(m[3]!)
+            ? NaN
+            : Number(m[3]);
     assert.ok(!Number.isNaN(value) || /^nan$/i.test(m[3]!), `bad value: ${line}`);
     const family = m[1]!.replace(/_(bucket|sum|count)$/, '');
     assert.ok(typed.has(m[1]!) || typed.has(family), `sample without TYPE: ${line}`);

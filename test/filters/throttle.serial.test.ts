@@ -11,7 +11,11 @@ import { KiB, MiB, pattern, startFixture, type Fixture } from './fixture.js';
 interface ThrottleStatus {
   limits: Record<string, number>;
   buckets: Record<string, { rate: number; capacity: number; tokens: number }>;
-  queued: { read: number; write: number; connections: Array<{ id: number; client: string; read: number; write: number }> };
+  queued: {
+    read: number;
+    write: number;
+    connections: Array<{ id: number; client: string; read: number; write: number }>;
+  };
   read: { passed: number; bytes: number; throttled: number; waitMs: number; maxWaitMs: number };
   write: { passed: number; bytes: number; throttled: number; waitMs: number; maxWaitMs: number };
 }
@@ -20,7 +24,11 @@ interface ThrottleStatus {
  * Runs `concurrency` loops of `op` for `ms`, recording completion times (relative to the
  * start); returns them with the elapsed time.
  */
-async function load(ms: number, concurrency: number, op: () => Promise<unknown>): Promise<number[]> {
+async function load(
+  ms: number,
+  concurrency: number,
+  op: () => Promise<unknown>,
+): Promise<number[]> {
   const t0 = performance.now();
   const done: number[] = [];
   await Promise.all(
@@ -53,7 +61,10 @@ describe('throttle filter', () => {
   });
 
   test('IOPS and bytes/s limits hold within 10%', async (t) => {
-    await fx.manager.createFilter('mem', 'throttle', { name: 't', args: { readIops: '200', writeBps: '4M', burst: '0.05' } });
+    await fx.manager.createFilter('mem', 'throttle', {
+      name: 't',
+      args: { readIops: '200', writeBps: '4M', burst: '0.05' },
+    });
     const a = await fx.connect();
     const b = await fx.connect();
     const block = pattern(64 * KiB, 1);
@@ -65,8 +76,12 @@ describe('throttle filter', () => {
     // Steady state: after the initial burst has been spent.
     const iops = rateIn(reads, 200, 2200);
     const bps = rateIn(writes, 200, 2200, 64 * KiB);
-    t.diagnostic(`read IOPS ${iops.toFixed(1)} (limit 200, ${((iops / 200 - 1) * 100).toFixed(2)}%)`);
-    t.diagnostic(`write bytes/s ${(bps / MiB).toFixed(3)} MiB/s (limit 4 MiB/s, ${((bps / (4 * MiB) - 1) * 100).toFixed(2)}%)`);
+    t.diagnostic(
+      `read IOPS ${iops.toFixed(1)} (limit 200, ${((iops / 200 - 1) * 100).toFixed(2)}%)`,
+    );
+    t.diagnostic(
+      `write bytes/s ${(bps / MiB).toFixed(3)} MiB/s (limit 4 MiB/s, ${((bps / (4 * MiB) - 1) * 100).toFixed(2)}%)`,
+    );
     assert.ok(Math.abs(iops / 200 - 1) < 0.1, `read IOPS ${iops}`);
     assert.ok(Math.abs(bps / (4 * MiB) - 1) < 0.1, `write bytes/s ${bps}`);
     const s = fx.status<ThrottleStatus>('t');
@@ -87,7 +102,10 @@ describe('throttle filter', () => {
   });
 
   test('two connections get a fair share, however greedy one of them is', async (t) => {
-    await fx.manager.createFilter('mem', 'throttle', { name: 'fair', args: { iops: 300, burst: 0.05 } });
+    await fx.manager.createFilter('mem', 'throttle', {
+      name: 'fair',
+      args: { iops: 300, burst: 0.05 },
+    });
     const greedy = await fx.connect();
     const polite = await fx.connect();
     const [g, p] = await Promise.all([
@@ -99,14 +117,19 @@ describe('throttle filter', () => {
     const gr = rateIn(g, 200, 1900);
     const pr = rateIn(p, 200, 1900);
     const total = rateIn([...g, ...p], 200, 1900);
-    t.diagnostic(`greedy (32 in flight) ${gr.toFixed(1)} IOPS, polite (4 in flight) ${pr.toFixed(1)} IOPS; total ${total.toFixed(1)} (limit 300)`);
+    t.diagnostic(
+      `greedy (32 in flight) ${gr.toFixed(1)} IOPS, polite (4 in flight) ${pr.toFixed(1)} IOPS; total ${total.toFixed(1)} (limit 300)`,
+    );
     assert.ok(Math.abs(gr / pr - 1) < 0.25, `greedy ${gr} vs polite ${pr}`);
     assert.ok(Math.abs(total / 300 - 1) < 0.1, `total IOPS ${total}`);
     await fx.manager.removeFilter('mem', 'fair');
   });
 
   test('limits changed live take effect at once', async (t) => {
-    await fx.manager.createFilter('mem', 'throttle', { name: 'live', args: { iops: 100, burst: 0.05 } });
+    await fx.manager.createFilter('mem', 'throttle', {
+      name: 'live',
+      args: { iops: 100, burst: 0.05 },
+    });
     const c = await fx.connect();
     const stop = performance.now() + 2000;
     const times: number[] = [];
@@ -122,7 +145,9 @@ describe('throttle filter', () => {
     await Promise.all(workers);
     const before = rateIn(times, 100, 1000);
     const afterChange = rateIn(times, 1100, 2000);
-    t.diagnostic(`100 IOPS limit: ${before.toFixed(1)}; after set iops=400: ${afterChange.toFixed(1)}`);
+    t.diagnostic(
+      `100 IOPS limit: ${before.toFixed(1)}; after set iops=400: ${afterChange.toFixed(1)}`,
+    );
     assert.ok(Math.abs(before / 100 - 1) < 0.15, `before: ${before}`);
     assert.ok(Math.abs(afterChange / 400 - 1) < 0.15, `after: ${afterChange}`);
 
@@ -144,7 +169,10 @@ describe('throttle filter', () => {
   });
 
   test('removing a throttle lets its queue go at once instead of waiting out the limit', async () => {
-    await fx.manager.createFilter('mem', 'throttle', { name: 'slow', args: { iops: '2', burst: '0.5' } });
+    await fx.manager.createFilter('mem', 'throttle', {
+      name: 'slow',
+      args: { iops: '2', burst: '0.5' },
+    });
     const c = await fx.connect();
     // 2 IOPS: 40 queued reads would need 20 s, twice the change timeout.
     const reads = Array.from({ length: 40 }, (_, i) => c.read(i * 4096, 4096));
@@ -157,7 +185,10 @@ describe('throttle filter', () => {
   });
 
   test('sizes, validation and reset', async () => {
-    await fx.manager.createFilter('mem', 'throttle', { name: 'v', args: { bps: '1M', writeIopsBurst: 5, readBpsBurst: '128K', readBps: '2M' } });
+    await fx.manager.createFilter('mem', 'throttle', {
+      name: 'v',
+      args: { bps: '1M', writeIopsBurst: 5, readBpsBurst: '128K', readBps: '2M' },
+    });
     let s = fx.status<ThrottleStatus>('v');
     assert.equal(s.limits.bps, MiB);
     assert.deepEqual(s.buckets.bps, { rate: MiB, capacity: MiB, tokens: MiB });
@@ -168,7 +199,10 @@ describe('throttle filter', () => {
     await assert.rejects(fx.control('v', 'set', { burst: 0 }), /burst must be > 0/);
     await assert.rejects(fx.control('v', 'set', { speed: 1 }), /unknown argument "speed"/);
     await assert.rejects(fx.control('v', 'nope'), /throttle has no command "nope"/);
-    await assert.rejects(fx.manager.createFilter('mem', 'throttle', { args: { iops: 'lots' } }), /iops must be number/);
+    await assert.rejects(
+      fx.manager.createFilter('mem', 'throttle', { args: { iops: 'lots' } }),
+      /iops must be number/,
+    );
     s = await fx.control<ThrottleStatus>('v', 'set', { writeIops: '50' });
     assert.equal(s.limits.writeIops, 50);
     assert.equal(s.buckets.writeIops!.capacity, 5);

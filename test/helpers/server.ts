@@ -32,7 +32,9 @@ export interface TestServer {
 
 /** Starts an in-process server; by default one 64 MiB memory export named "mem" (also the default). */
 export async function startTestServer(
-  exports: Array<Omit<NbdExport, 'device'> & { device?: Device; size?: number }> = [{ name: 'mem' }],
+  exports: Array<Omit<NbdExport, 'device'> & { device?: Device; size?: number }> = [
+    { name: 'mem' },
+  ],
   options: Partial<Omit<NbdServerOptions, 'exports' | 'logger'>> = {},
 ): Promise<TestServer> {
   const dir = tempDir();
@@ -50,7 +52,8 @@ export async function startTestServer(
     server,
     socket,
     table,
-    uri: (name = exports[0]?.name ?? '') => `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`,
+    uri: (name = exports[0]?.name ?? '') =>
+      `nbd+unix:///${encodeURIComponent(name)}?socket=${socket}`,
     close: async () => {
       await server.close();
       dir.cleanup();
@@ -78,20 +81,30 @@ export interface DaemonProcess {
 }
 
 /** Runs `devfilter serve ARGS --socket <tmp>` and waits until the socket accepts connections. */
-export async function spawnDaemon(args: string[], opts: { socket?: string; env?: NodeJS.ProcessEnv } = {}): Promise<DaemonProcess> {
+export async function spawnDaemon(
+  args: string[],
+  opts: { socket?: string; env?: NodeJS.ProcessEnv } = {},
+): Promise<DaemonProcess> {
   const dir = opts.socket === undefined ? tempDir() : undefined;
   const socket = opts.socket ?? join(dir!.path, 'nbd.sock');
-  const child = spawn(process.execPath, [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...args], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, ...opts.env },
-  });
+  const child = spawn(
+    process.execPath,
+    [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...args],
+    {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, ...opts.env },
+    },
+  );
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   child.stdout!.resume();
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  const exited = new Promise<number | null>((resolve) =>
+    child.once('exit', (code) => resolve(code)),
+  );
   const deadline = Date.now() + 60_000;
   for (;;) {
-    if (child.exitCode !== null) throw new Error(`devfilter serve exited with ${child.exitCode}: ${err}`);
+    if (child.exitCode !== null)
+      throw new Error(`devfilter serve exited with ${child.exitCode}: ${err}`);
     if (existsSync(socket) && (await canConnect(socket))) break;
     if (Date.now() > deadline) {
       child.kill('SIGKILL');

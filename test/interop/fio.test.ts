@@ -186,15 +186,19 @@ describe('fio --ioengine=nbd', () => {
       if (d.child.exitCode !== null) resolve(d.child.exitCode);
       else d.child.once('exit', (code) => resolve(code));
     });
-    const fioProc = background('fio', [
-      '--ioengine=nbd',
-      `--uri=${uri(d.socket)}`,
-      ...job,
-      '--do_verify=0',
-      '--rate=24m',
-      '--output-format=json',
-      `--output=${outFile}`,
-    ], { cwd: dir.path });
+    const fioProc = background(
+      'fio',
+      [
+        '--ioengine=nbd',
+        `--uri=${uri(d.socket)}`,
+        ...job,
+        '--do_verify=0',
+        '--rate=24m',
+        '--output-format=json',
+        `--output=${outFile}`,
+      ],
+      { cwd: dir.path },
+    );
     let exitMs = -1;
     let exitCode: number | null = null;
     try {

@@ -51,7 +51,6 @@ export interface ExportSpec {
   path?: string;
 }
 
-
 export async function startSnapFixture(
   exports: ExportSpec[],
   opts: { dir?: string } = {},

@@ -18,7 +18,11 @@ let daemon: DaemonProcess;
 
 before(async () => {
   dir = tempDir();
-  daemon = await spawnDaemon(['--export', `disk=file:${join(dir.path, 'disk.img')},create=64M`, '--no-control']);
+  daemon = await spawnDaemon([
+    '--export',
+    `disk=file:${join(dir.path, 'disk.img')},create=64M`,
+    '--no-control',
+  ]);
 });
 
 after(async () => {
@@ -65,7 +69,9 @@ test(`${CONNECTIONS} connections with verified I/O while a client never reads it
   const pid = daemon.child.pid!;
   const base = rssMiB(pid);
   const stopFlood = await flooder(2000); // 2 GiB of replies asked for
-  const clients = await Promise.all(Array.from({ length: CONNECTIONS }, () => NbdClient.fromUri(daemon.uri('disk'))));
+  const clients = await Promise.all(
+    Array.from({ length: CONNECTIONS }, () => NbdClient.fromUri(daemon.uri('disk'))),
+  );
   let peak = 0;
   const sampler = setInterval(() => (peak = Math.max(peak, rssMiB(pid))), 50);
   try {
@@ -87,6 +93,8 @@ test(`${CONNECTIONS} connections with verified I/O while a client never reads it
   }
   peak = Math.max(peak, rssMiB(pid));
   // 257 connections; only the flooder holds buffered replies, bounded by its in-flight limits.
-  process.stderr.write(`daemon RSS: ${base.toFixed(0)} MiB at start, ${peak.toFixed(0)} MiB peak\n`);
+  process.stderr.write(
+    `daemon RSS: ${base.toFixed(0)} MiB at start, ${peak.toFixed(0)} MiB peak\n`,
+  );
   assert.ok(peak - base < 400, `daemon grew by ${(peak - base).toFixed(0)} MiB under load`);
 });

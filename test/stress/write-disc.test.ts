@@ -40,7 +40,11 @@ after(async () => {
 });
 
 /** Runs `count` jobs, `parallel` at a time. */
-async function pool(count: number, parallel: number, job: (i: number) => Promise<void>): Promise<void> {
+async function pool(
+  count: number,
+  parallel: number,
+  job: (i: number) => Promise<void>,
+): Promise<void> {
   let next = 0;
   await Promise.all(
     Array.from({ length: parallel }, async () => {

@@ -31,3 +31,19 @@ test('the pool keeps at most its byte budget idle, and refuses a double release'
   pool.release(again[0]!);
   assert.throws(() => pool.release(again[0]!), /released twice/);
 });
+
+test('slices of a shared slab are never taken into the pool', () => {
+  const pool = new BufferPool(8 * 1024 * 1024, 64 * 1024 * 1024);
+  const saved = Buffer.poolSize;
+  Buffer.poolSize = 256 * 1024; // slabs of a pooled class size: the case that once corrupted replies
+  try {
+    const small = pool.acquire(4096 + 28);
+    const neighbour = Buffer.allocUnsafe(100).fill(7);
+    pool.release(small);
+    const big = pool.acquire(128 * 1024);
+    big.fill(1);
+    assert.ok(neighbour.every((b) => b === 7), 'a pooled buffer overwrote memory it does not own');
+  } finally {
+    Buffer.poolSize = saved;
+  }
+});

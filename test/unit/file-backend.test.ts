@@ -497,7 +497,9 @@ describe('FileBackend: inline I/O paths', () => {
   });
 
   it('uses the thread pool for direct I/O', async () => {
-    const dev = await FileBackend.open(tempPath(), { create: { size: SIZE }, direct: true }).catch(() => undefined);
+    const dev = await FileBackend.open(tempPath(), { create: { size: SIZE }, direct: true }).catch(
+      () => undefined,
+    );
     if (dev === undefined) return; // no O_DIRECT here: covered by the direct I/O tests' skip
     assert.equal(dev.inlineIo, 'pool');
     await dev.close();

@@ -55,17 +55,29 @@ test('filters pass, change, complete and fail requests; unset hooks pass through
   const stack = new LiveStack(backend);
   const denyHigh: Filter = {
     write(next, data, offset, flags, ctx) {
-      if (offset >= SIZE / 2) return Promise.reject(new DeviceError('EPERM', 'upper half is protected'));
+      if (offset >= SIZE / 2)
+        return Promise.reject(new DeviceError('EPERM', 'upper half is protected'));
       return next.write(data, offset, flags, ctx);
     },
   };
   const answerFlush: Filter = { flush: () => Promise.resolve() }; // completes it itself
-  await stack.change(() => [entry('deny', denyHigh), entry('invert', invert), entry('flush', answerFlush), entry('pass', {})], 1000);
+  await stack.change(
+    () => [
+      entry('deny', denyHigh),
+      entry('invert', invert),
+      entry('flush', answerFlush),
+      entry('pass', {}),
+    ],
+    1000,
+  );
 
   await stack.write(Buffer.from([1, 2, 3]), 10, 0);
   assert.deepEqual([...(await readAt(stack, 10, 3))], [1, 2, 3]);
   assert.deepEqual([...(await readAt(backend, 10, 3))], [0xfe, 0xfd, 0xfc]);
-  await assert.rejects(stack.write(Buffer.from([1]), SIZE / 2, 0), (e: DeviceError) => e.errno === 'EPERM');
+  await assert.rejects(
+    stack.write(Buffer.from([1]), SIZE / 2, 0),
+    (e: DeviceError) => e.errno === 'EPERM',
+  );
   await stack.flush(0);
   assert.deepEqual(
     stack.filters().map((e) => e.name),
@@ -75,7 +87,9 @@ test('filters pass, change, complete and fail requests; unset hooks pass through
 
 test('a filter changes the capabilities seen above it', async () => {
   const stack = new LiveStack(new MemoryBackend({ size: SIZE }));
-  const readOnly: Filter = { info: (below) => ({ ...below, caps: { ...below.caps, readOnly: true, trim: false } }) };
+  const readOnly: Filter = {
+    info: (below) => ({ ...below, caps: { ...below.caps, readOnly: true, trim: false } }),
+  };
   assert.equal(stack.info().caps.readOnly, false);
   await stack.change(() => [entry('ro', readOnly)], 1000);
   assert.equal(stack.info().caps.readOnly, true);
@@ -108,7 +122,10 @@ test('live attach and detach under concurrent I/O: no error, no lost or reordere
         data.copy(model, off);
       } else {
         const got = await readAt(stack, off, len);
-        assert.ok(got.equals(model.subarray(off, off + len)), `worker ${w} read mismatch at ${off}+${len}`);
+        assert.ok(
+          got.equals(model.subarray(off, off + len)),
+          `worker ${w} read mismatch at ${off}+${len}`,
+        );
       }
       ops++;
       // The memory backend completes in microtasks; yield so the stack changes get to run.
@@ -141,7 +158,10 @@ test('requests held during a change resume in arrival order after the swap', asy
   const stack = new LiveStack(backend);
   await stack.change(() => [entry('rec', recorder)], 1000);
   let release!: () => void;
-  const slow: Filter = { read: (next, b, o, f, c) => new Promise<void>((r) => (release = r)).then(() => next.read(b, o, f, c)) };
+  const slow: Filter = {
+    read: (next, b, o, f, c) =>
+      new Promise<void>((r) => (release = r)).then(() => next.read(b, o, f, c)),
+  };
   await stack.change((cur) => [entry('slow', slow), ...cur], 1000);
   const stuck = readAt(stack, 0, 1);
   const changing = stack.change((cur) => cur.filter((e) => e.name !== 'slow'), 5000);
@@ -163,7 +183,9 @@ test('a change with a stuck request times out and leaves the stack as it was', a
   // Reads at offset 0 hang until released; everything else passes.
   const stuckFilter: Filter = {
     read: (next, b, o, f, c) =>
-      o === 0 ? new Promise<void>((r) => (release = r)).then(() => next.read(b, o, f, c)) : next.read(b, o, f, c),
+      o === 0
+        ? new Promise<void>((r) => (release = r)).then(() => next.read(b, o, f, c))
+        : next.read(b, o, f, c),
   };
   await stack.change(() => [entry('stuck', stuckFilter)], 1000);
   const stuck = readAt(stack, 0, 1);
@@ -184,12 +206,30 @@ test('insert positions and errors', () => {
   const a = entry('a', {});
   const b = entry('b', {});
   const c = entry('c', {});
-  assert.deepEqual(insertAt([a, b], c, { above: 'b' }).map((e) => e.name), ['a', 'c', 'b']);
-  assert.deepEqual(insertAt([a, b], c, { below: 'a' }).map((e) => e.name), ['a', 'c', 'b']);
-  assert.deepEqual(insertAt([a, b], c, { at: 'bottom' }).map((e) => e.name), ['a', 'b', 'c']);
-  assert.deepEqual(insertAt([a, b], c, { at: 'top' }).map((e) => e.name), ['c', 'a', 'b']);
-  assert.throws(() => insertAt([a], c, { above: 'zz' }), (e: StackChangeError) => e.reason === 'not-found');
-  assert.throws(() => insertAt([a], a, { at: 'top' }), (e: StackChangeError) => e.reason === 'exists');
+  assert.deepEqual(
+    insertAt([a, b], c, { above: 'b' }).map((e) => e.name),
+    ['a', 'c', 'b'],
+  );
+  assert.deepEqual(
+    insertAt([a, b], c, { below: 'a' }).map((e) => e.name),
+    ['a', 'c', 'b'],
+  );
+  assert.deepEqual(
+    insertAt([a, b], c, { at: 'bottom' }).map((e) => e.name),
+    ['a', 'b', 'c'],
+  );
+  assert.deepEqual(
+    insertAt([a, b], c, { at: 'top' }).map((e) => e.name),
+    ['c', 'a', 'b'],
+  );
+  assert.throws(
+    () => insertAt([a], c, { above: 'zz' }),
+    (e: StackChangeError) => e.reason === 'not-found',
+  );
+  assert.throws(
+    () => insertAt([a], a, { at: 'top' }),
+    (e: StackChangeError) => e.reason === 'exists',
+  );
 });
 
 function manager(...extra: FilterType[]): DeviceManager {
@@ -207,7 +247,11 @@ test('manager: create, list, status, control, remove, remove-all, with validatio
     name: 'counter',
     apiVersion: FILTER_API_VERSION,
     description: 'counts writes',
-    argsSchema: { type: 'object', properties: { step: { type: 'integer', minimum: 1, default: 1 } }, additionalProperties: false },
+    argsSchema: {
+      type: 'object',
+      properties: { step: { type: 'integer', minimum: 1, default: 1 } },
+      additionalProperties: false,
+    },
     removalPolicies: ['keep', 'drop'],
     create(args) {
       let n = 0;
@@ -228,53 +272,104 @@ test('manager: create, list, status, control, remove, remove-all, with validatio
   m.on('event', (e) => events.push(`${e.event}:${e.filter}`));
   // String arguments (as from the command line) are coerced by the schema.
   const created = await m.createFilter('disk', 'counter', { args: { step: '2' } });
-  assert.deepEqual(created, { export: 'disk', name: 'counter', type: 'counter', args: { step: 2 }, index: 0 });
+  assert.deepEqual(created, {
+    export: 'disk',
+    name: 'counter',
+    type: 'counter',
+    args: { step: 2 },
+    index: 0,
+  });
   await m.createFilter('disk', 'pass', { position: { below: 'counter' } });
   await m.createFilter('disk', 'pass', {});
-  assert.deepEqual(m.listFilters('disk').map((f) => f.name), ['pass-2', 'counter', 'pass']);
+  assert.deepEqual(
+    m.listFilters('disk').map((f) => f.name),
+    ['pass-2', 'counter', 'pass'],
+  );
   const stack = m.getExport('disk').stack;
   await stack.write(Buffer.from([1]), 0, 0);
   assert.deepEqual(m.filterStatus('disk', 'counter').status, { writes: 2 });
   await m.control('disk', 'counter', 'reset');
   assert.deepEqual(m.filterStatus('disk', 'counter').status, { writes: 0 });
-  await assert.rejects(m.control('disk', 'counter', 'bogus'), (e: ManagerError) => e.code === 'failed');
-  await assert.rejects(m.createFilter('disk', 'counter', { args: { step: 0 } }), (e: ManagerError) => e.code === 'invalid' && /step/.test(e.message));
-  await assert.rejects(m.createFilter('disk', 'counter', { args: { nope: 1 } }), (e: ManagerError) => e.code === 'invalid' && /nope/.test(e.message));
+  await assert.rejects(
+    m.control('disk', 'counter', 'bogus'),
+    (e: ManagerError) => e.code === 'failed',
+  );
+  await assert.rejects(
+    m.createFilter('disk', 'counter', { args: { step: 0 } }),
+    (e: ManagerError) => e.code === 'invalid' && /step/.test(e.message),
+  );
+  await assert.rejects(
+    m.createFilter('disk', 'counter', { args: { nope: 1 } }),
+    (e: ManagerError) => e.code === 'invalid' && /nope/.test(e.message),
+  );
   await assert.rejects(m.createFilter('disk', 'nosuch'), (e: ManagerError) => e.code === 'invalid');
-  await assert.rejects(m.createFilter('nodisk', 'pass'), (e: ManagerError) => e.code === 'not-found');
-  await assert.rejects(m.createFilter('disk', 'pass', { name: 'counter' }), (e: ManagerError) => e.code === 'exists');
-  await assert.rejects(m.removeFilter('disk', 'counter', { policy: 'shred' }), (e: ManagerError) => e.code === 'invalid' && /keep, drop/.test(e.message));
+  await assert.rejects(
+    m.createFilter('nodisk', 'pass'),
+    (e: ManagerError) => e.code === 'not-found',
+  );
+  await assert.rejects(
+    m.createFilter('disk', 'pass', { name: 'counter' }),
+    (e: ManagerError) => e.code === 'exists',
+  );
+  await assert.rejects(
+    m.removeFilter('disk', 'counter', { policy: 'shred' }),
+    (e: ManagerError) => e.code === 'invalid' && /keep, drop/.test(e.message),
+  );
   await m.removeFilter('disk', 'counter', { policy: 'drop' });
   assert.deepEqual(destroyed, ['drop']);
   assert.equal(await m.removeAll('disk'), 2);
   assert.deepEqual(m.listFilters(), []);
-  assert.deepEqual(events.slice(0, 3), ['filter.created:counter', 'filter.created:pass', 'filter.created:pass-2']);
+  assert.deepEqual(events.slice(0, 3), [
+    'filter.created:counter',
+    'filter.created:pass',
+    'filter.created:pass-2',
+  ]);
 });
 
 test('manager: a filter whose setup fails leaves the export untouched', async () => {
-  const failing: FilterType = { ...passType, name: 'failing', create: () => Promise.reject(new Error('disk full')) };
+  const failing: FilterType = {
+    ...passType,
+    name: 'failing',
+    create: () => Promise.reject(new Error('disk full')),
+  };
   const m = manager(failing);
   await m.createFilter('disk', 'pass');
   const before = m.getExport('disk').stack.filters();
-  await assert.rejects(m.createFilter('disk', 'failing'), (e: ManagerError) => e.code === 'failed' && /disk full/.test(e.message));
+  await assert.rejects(
+    m.createFilter('disk', 'failing'),
+    (e: ManagerError) => e.code === 'failed' && /disk full/.test(e.message),
+  );
   assert.equal(m.getExport('disk').stack.filters(), before);
 });
 
 test('manager: a create that times out destroys the prepared filter and changes nothing', async () => {
   let destroyed = 0;
-  const tracked: FilterType = { ...passType, name: 'tracked', create: () => ({ destroy: () => void destroyed++ }) };
+  const tracked: FilterType = {
+    ...passType,
+    name: 'tracked',
+    create: () => ({ destroy: () => void destroyed++ }),
+  };
   let release!: () => void;
   const stuckType: FilterType = {
     ...passType,
     name: 'stuck',
-    create: () => ({ read: (next, b, o, f, c) => new Promise<void>((r) => (release = r)).then(() => next.read(b, o, f, c)) }),
+    create: () => ({
+      read: (next, b, o, f, c) =>
+        new Promise<void>((r) => (release = r)).then(() => next.read(b, o, f, c)),
+    }),
   };
   const m = manager(tracked, stuckType);
   await m.createFilter('disk', 'stuck');
   const stuck = readAt(m.getExport('disk').stack, 0, 1);
-  await assert.rejects(m.createFilter('disk', 'tracked', { timeoutMs: 50 }), (e: ManagerError) => e.code === 'timeout');
+  await assert.rejects(
+    m.createFilter('disk', 'tracked', { timeoutMs: 50 }),
+    (e: ManagerError) => e.code === 'timeout',
+  );
   assert.equal(destroyed, 1);
-  assert.deepEqual(m.listFilters('disk').map((f) => f.name), ['stuck']);
+  assert.deepEqual(
+    m.listFilters('disk').map((f) => f.name),
+    ['stuck'],
+  );
   release();
   await stuck;
 });

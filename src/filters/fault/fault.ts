@@ -43,8 +43,16 @@ const setRulesArgs = commandValidator<{ rules: unknown; seed?: number }>(
   {
     type: 'object',
     properties: {
-      rules: { type: ['array', 'string'], description: 'the new rules (array, or a string of JSON)' },
-      seed: { type: 'integer', minimum: 0, maximum: 0xffffffff, description: 'restart the generator with this seed' },
+      rules: {
+        type: ['array', 'string'],
+        description: 'the new rules (array, or a string of JSON)',
+      },
+      seed: {
+        type: 'integer',
+        minimum: 0,
+        maximum: 0xffffffff,
+        description: 'restart the generator with this seed',
+      },
     },
     required: ['rules'],
     additionalProperties: false,
@@ -63,7 +71,14 @@ const removeRuleArgs = commandValidator<{ id: number }>(
 const reseedArgs = commandValidator<{ seed?: number }>(
   {
     type: 'object',
-    properties: { seed: { type: 'integer', minimum: 0, maximum: 0xffffffff, description: 'default: a random seed' } },
+    properties: {
+      seed: {
+        type: 'integer',
+        minimum: 0,
+        maximum: 0xffffffff,
+        description: 'default: a random seed',
+      },
+    },
     additionalProperties: false,
   },
   'reseed',
@@ -99,13 +114,24 @@ export class FaultFilter implements Filter {
 
   read(next: Device, buf: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
     if ((this.mask & READ) === 0) return next.read(buf, offset, flags, ctx);
-    return this.slow(Op.READ, offset, buf.length, () => next.read(buf, offset, flags, ctx), undefined);
+    return this.slow(
+      Op.READ,
+      offset,
+      buf.length,
+      () => next.read(buf, offset, flags, ctx),
+      undefined,
+    );
   }
 
   write(next: Device, data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
     if ((this.mask & WRITE) === 0) return next.write(data, offset, flags, ctx);
-    return this.slow(Op.WRITE, offset, data.length, () => next.write(data, offset, flags, ctx), undefined, (keep) =>
-      next.write(data.subarray(0, keep), offset, flags, ctx),
+    return this.slow(
+      Op.WRITE,
+      offset,
+      data.length,
+      () => next.write(data, offset, flags, ctx),
+      undefined,
+      (keep) => next.write(data.subarray(0, keep), offset, flags, ctx),
     );
   }
 
@@ -114,24 +140,72 @@ export class FaultFilter implements Filter {
     return this.slow(Op.FLUSH, 0, 0, () => next.flush(flags, ctx), undefined);
   }
 
-  trim(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  trim(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     if ((this.mask & TRIM) === 0) return next.trim(offset, length, flags, ctx);
-    return this.slow(Op.TRIM, offset, length, () => next.trim(offset, length, flags, ctx), undefined);
+    return this.slow(
+      Op.TRIM,
+      offset,
+      length,
+      () => next.trim(offset, length, flags, ctx),
+      undefined,
+    );
   }
 
-  writeZeroes(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  writeZeroes(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     if ((this.mask & ZERO) === 0) return next.writeZeroes(offset, length, flags, ctx);
-    return this.slow(Op.ZERO, offset, length, () => next.writeZeroes(offset, length, flags, ctx), undefined);
+    return this.slow(
+      Op.ZERO,
+      offset,
+      length,
+      () => next.writeZeroes(offset, length, flags, ctx),
+      undefined,
+    );
   }
 
-  cache(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  cache(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     if ((this.mask & CACHE) === 0) return next.cache(offset, length, flags, ctx);
-    return this.slow(Op.CACHE, offset, length, () => next.cache(offset, length, flags, ctx), undefined);
+    return this.slow(
+      Op.CACHE,
+      offset,
+      length,
+      () => next.cache(offset, length, flags, ctx),
+      undefined,
+    );
   }
 
-  blockStatus(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<Extent[]> {
+  blockStatus(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<Extent[]> {
     if ((this.mask & BLOCK_STATUS) === 0) return next.blockStatus(offset, length, flags, ctx);
-    return this.slow(Op.BLOCK_STATUS, offset, length, () => next.blockStatus(offset, length, flags, ctx), NO_EXTENTS);
+    return this.slow(
+      Op.BLOCK_STATUS,
+      offset,
+      length,
+      () => next.blockStatus(offset, length, flags, ctx),
+      NO_EXTENTS,
+    );
   }
 
   /**
@@ -158,7 +232,10 @@ export class FaultFilter implements Filter {
       case 'error':
       case 'flakey':
         this.injectedErrors++;
-        throw new DeviceError(rule.errno ?? 'EIO', `fault injected by rule ${rule.id}${rule.spec.name ? ` (${rule.spec.name})` : ''}`);
+        throw new DeviceError(
+          rule.errno ?? 'EIO',
+          `fault injected by rule ${rule.id}${rule.spec.name ? ` (${rule.spec.name})` : ''}`,
+        );
       case 'drop':
         this.dropped++;
         this.droppedBytes += length;
@@ -169,7 +246,10 @@ export class FaultFilter implements Filter {
         if (keep > 0) await tear!(keep);
         if (rule.errno !== undefined) {
           this.injectedErrors++;
-          throw new DeviceError(rule.errno, `torn write: ${keep} of ${length} bytes written (rule ${rule.id})`);
+          throw new DeviceError(
+            rule.errno,
+            `torn write: ${keep} of ${length} bytes written (rule ${rule.id})`,
+          );
         }
         return dropped;
       }
@@ -190,7 +270,8 @@ export class FaultFilter implements Filter {
     for (let i = 0; i < rules.length; i++) {
       const r = rules[i]!;
       if ((r.opMask & bit) === 0) continue;
-      if (isFlush ? r.start > 0 || r.end !== Infinity : offset >= r.end || last <= r.start) continue;
+      if (isFlush ? r.start > 0 || r.end !== Infinity : offset >= r.end || last <= r.start)
+        continue;
       if (r.hits >= r.count) continue;
       r.matches++;
       if (r.matches <= r.after) continue;
@@ -252,14 +333,16 @@ export class FaultFilter implements Filter {
       case 'add-rule': {
         // The arguments are the rule itself (`add-rule action=error ops=write start=0 end=1M`).
         const spec = parseRule(args, 'add-rule');
-        if (this.rules.length >= MAX_RULES) throw new FilterCommandError(`at most ${MAX_RULES} rules`);
+        if (this.rules.length >= MAX_RULES)
+          throw new FilterCommandError(`at most ${MAX_RULES} rules`);
         const rule = new Rule(this.nextId++, spec);
         this.setRules([...this.rules, rule]);
         return rule.describe(performance.now());
       }
       case 'remove-rule': {
         const { id } = removeRuleArgs(args);
-        if (!this.rules.some((r) => r.id === id)) throw new FilterCommandError(`no rule with id ${id}`);
+        if (!this.rules.some((r) => r.id === id))
+          throw new FilterCommandError(`no rule with id ${id}`);
         this.setRules(this.rules.filter((r) => r.id !== id));
         return { removed: id };
       }
@@ -290,7 +373,12 @@ export class FaultFilter implements Filter {
       value: r.hits,
     }));
     return [
-      { name: 'devfilter_fault_rule_hits_total', help: 'Requests a fault rule acted on, by rule id.', type: 'counter', samples: hits },
+      {
+        name: 'devfilter_fault_rule_hits_total',
+        help: 'Requests a fault rule acted on, by rule id.',
+        type: 'counter',
+        samples: hits,
+      },
       {
         name: 'devfilter_fault_injected_total',
         help: 'Faults injected since the filter was created, by kind.',

@@ -18,12 +18,14 @@ export const faultFilterType: FilterType<FaultArgs> = {
         type: 'integer',
         minimum: 0,
         maximum: 0xffffffff,
-        description: 'Seed of the generator that decides probabilistic rules (0..2^32-1). Default: random, shown in status.',
+        description:
+          'Seed of the generator that decides probabilistic rules (0..2^32-1). Default: random, shown in status.',
       },
       rules: {
         type: ['array', 'string'],
         items: RULE_SCHEMA,
-        description: 'The rules, in order: an array, or a string of JSON (as given on the command line). Default: none.',
+        description:
+          'The rules, in order: an array, or a string of JSON (as given on the command line). Default: none.',
       },
     },
     additionalProperties: false,

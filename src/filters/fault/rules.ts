@@ -42,21 +42,59 @@ export const RULE_SCHEMA = {
       description:
         'Operations the rule matches: read, write, flush, trim, zero, cache, block-status or all; an array or a comma-separated string. Default: all (drop: write,trim,zero; torn: write).',
     },
-    start: sizeOrInt('First byte of the range the rule matches (a number or a size such as "1M"). Default 0.'),
-    end: sizeOrInt('End of the range (exclusive). Default: the end of the device. Requests overlapping [start, end) match; a flush (which has no range) matches only rules without start or end.'),
-    probability: { type: 'number', minimum: 0, maximum: 1, description: 'Chance that a matching request is hit (0..1), drawn from the seeded generator. Default 1.' },
-    count: { type: 'integer', minimum: 1, description: 'Fire at most this many times. Default: no limit.' },
-    after: { type: 'integer', minimum: 0, description: 'Let the first N matching requests through untouched. Default 0.' },
-    action: { type: 'string', enum: [...ACTIONS], description: 'What a hit does: error, delay, flakey, drop or torn.' },
+    start: sizeOrInt(
+      'First byte of the range the rule matches (a number or a size such as "1M"). Default 0.',
+    ),
+    end: sizeOrInt(
+      'End of the range (exclusive). Default: the end of the device. Requests overlapping [start, end) match; a flush (which has no range) matches only rules without start or end.',
+    ),
+    probability: {
+      type: 'number',
+      minimum: 0,
+      maximum: 1,
+      description:
+        'Chance that a matching request is hit (0..1), drawn from the seeded generator. Default 1.',
+    },
+    count: {
+      type: 'integer',
+      minimum: 1,
+      description: 'Fire at most this many times. Default: no limit.',
+    },
+    after: {
+      type: 'integer',
+      minimum: 0,
+      description: 'Let the first N matching requests through untouched. Default 0.',
+    },
+    action: {
+      type: 'string',
+      enum: [...ACTIONS],
+      description: 'What a hit does: error, delay, flakey, drop or torn.',
+    },
     errno: {
       type: 'string',
       enum: [...ERRNOS],
-      description: 'error/flakey: the errno (default EIO). torn: fail with this errno after the partial write (default: report success).',
+      description:
+        'error/flakey: the errno (default EIO). torn: fail with this errno after the partial write (default: report success).',
     },
-    delayMs: { type: 'number', minimum: 0, maximum: MAX_DELAY_MS, description: 'delay: milliseconds to wait before passing the request on.' },
-    upMs: { type: 'number', exclusiveMinimum: 0, description: 'flakey: milliseconds the device works in each cycle (the cycle starts up).' },
-    downMs: { type: 'number', exclusiveMinimum: 0, description: 'flakey: milliseconds matching requests fail in each cycle.' },
-    tornBytes: sizeOrInt('torn: bytes of the write that reach the device. Default: half of the write.'),
+    delayMs: {
+      type: 'number',
+      minimum: 0,
+      maximum: MAX_DELAY_MS,
+      description: 'delay: milliseconds to wait before passing the request on.',
+    },
+    upMs: {
+      type: 'number',
+      exclusiveMinimum: 0,
+      description: 'flakey: milliseconds the device works in each cycle (the cycle starts up).',
+    },
+    downMs: {
+      type: 'number',
+      exclusiveMinimum: 0,
+      description: 'flakey: milliseconds matching requests fail in each cycle.',
+    },
+    tornBytes: sizeOrInt(
+      'torn: bytes of the write that reach the device. Default: half of the write.',
+    ),
   },
   required: ['action'],
   additionalProperties: false,
@@ -147,7 +185,8 @@ export function parseRule(raw: unknown, where: string): RuleSpec {
     throw new FilterCommandError(`${where}: a rule must be an object`);
   }
   const r = structuredClone(raw) as Record<string, unknown>;
-  if (!validateRule(r)) throw new FilterCommandError(`${where}: ${describeAjvErrors(validateRule.errors)}`);
+  if (!validateRule(r))
+    throw new FilterCommandError(`${where}: ${describeAjvErrors(validateRule.errors)}`);
   const problem = (msg: string): never => {
     throw new FilterCommandError(`${where}: ${msg}`);
   };
@@ -173,7 +212,9 @@ export function parseRule(raw: unknown, where: string): RuleSpec {
   }
   const outside = opMask & ~ACTION_OPS[action].allowed;
   if (outside !== 0) {
-    problem(`action "${action}" applies only to ${opsOf(ACTION_OPS[action].allowed).join(', ')} (not ${opsOf(outside).join(', ')})`);
+    problem(
+      `action "${action}" applies only to ${opsOf(ACTION_OPS[action].allowed).join(', ')} (not ${opsOf(outside).join(', ')})`,
+    );
   }
   const start = size('start') ?? 0;
   const end = size('end') ?? null;
@@ -190,7 +231,8 @@ export function parseRule(raw: unknown, where: string): RuleSpec {
   };
   const only = (keys: string[], actions: Action[]): void => {
     for (const k of keys) {
-      if (r[k] !== undefined && !actions.includes(action)) problem(`${k} applies only to action ${actions.join(' or ')}`);
+      if (r[k] !== undefined && !actions.includes(action))
+        problem(`${k} applies only to action ${actions.join(' or ')}`);
     }
   };
   only(['errno'], ['error', 'flakey', 'torn']);
@@ -206,7 +248,8 @@ export function parseRule(raw: unknown, where: string): RuleSpec {
       spec.delayMs = r.delayMs as number;
       break;
     case 'flakey':
-      if (r.upMs === undefined || r.downMs === undefined) problem('action "flakey" needs upMs and downMs');
+      if (r.upMs === undefined || r.downMs === undefined)
+        problem('action "flakey" needs upMs and downMs');
       spec.errno = (r.errno as Errno | undefined) ?? 'EIO';
       spec.upMs = r.upMs as number;
       spec.downMs = r.downMs as number;
@@ -235,7 +278,8 @@ export function parseRules(raw: unknown, where = 'rules'): RuleSpec[] {
     // A single rule object is accepted as a list of one.
     if (typeof list === 'object' && list !== null && !Array.isArray(list)) list = [list];
   }
-  if (!Array.isArray(list)) throw new FilterCommandError(`${where} must be an array of rules (or a string of JSON)`);
+  if (!Array.isArray(list))
+    throw new FilterCommandError(`${where} must be an array of rules (or a string of JSON)`);
   if (list.length > MAX_RULES) throw new FilterCommandError(`${where}: at most ${MAX_RULES} rules`);
   return list.map((r, i) => parseRule(r, `${where}[${i}]`));
 }

@@ -12,7 +12,10 @@ export const FINITE_BUCKETS = 21;
 export const BUCKETS = FINITE_BUCKETS + 1;
 
 /** Upper bounds in milliseconds of the finite buckets. */
-export const BUCKET_BOUNDS_MS: readonly number[] = Array.from({ length: FINITE_BUCKETS }, (_, i) => FIRST_BOUND_MS * 2 ** i);
+export const BUCKET_BOUNDS_MS: readonly number[] = Array.from(
+  { length: FINITE_BUCKETS },
+  (_, i) => FIRST_BOUND_MS * 2 ** i,
+);
 
 /** The bucket a latency falls in: the first whose upper bound is >= `ms`. */
 export function bucketOf(ms: number): number {
@@ -26,7 +29,13 @@ export function bucketOf(ms: number): number {
  * linearly inside the bucket it falls in (as Prometheus' histogram_quantile does), and never
  * above the largest latency seen. Returns 0 for an empty histogram.
  */
-export function quantileMs(hist: Float64Array, base: number, count: number, q: number, maxMs: number): number {
+export function quantileMs(
+  hist: Float64Array,
+  base: number,
+  count: number,
+  q: number,
+  maxMs: number,
+): number {
   if (count === 0) return 0;
   const target = q * count;
   let below = 0;

@@ -85,7 +85,13 @@ export class StatsFilter implements Filter {
 
   // ---- hooks: start, pass down, record ------------------------------------------------------
 
-  async read(next: Device, buf: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
+  async read(
+    next: Device,
+    buf: Buffer,
+    offset: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     const t0 = this.start(Op.READ);
     try {
       await next.read(buf, offset, flags, ctx);
@@ -95,7 +101,13 @@ export class StatsFilter implements Filter {
     this.done(Op.READ, t0, offset, buf.length);
   }
 
-  async write(next: Device, data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
+  async write(
+    next: Device,
+    data: Buffer,
+    offset: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     const t0 = this.start(Op.WRITE);
     try {
       await next.write(data, offset, flags, ctx);
@@ -115,7 +127,13 @@ export class StatsFilter implements Filter {
     this.done(Op.FLUSH, t0, 0, 0);
   }
 
-  async trim(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  async trim(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     const t0 = this.start(Op.TRIM);
     try {
       await next.trim(offset, length, flags, ctx);
@@ -125,7 +143,13 @@ export class StatsFilter implements Filter {
     this.done(Op.TRIM, t0, offset, length);
   }
 
-  async writeZeroes(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  async writeZeroes(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     const t0 = this.start(Op.ZERO);
     try {
       await next.writeZeroes(offset, length, flags, ctx);
@@ -135,7 +159,13 @@ export class StatsFilter implements Filter {
     this.done(Op.ZERO, t0, offset, length);
   }
 
-  async cache(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  async cache(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     const t0 = this.start(Op.CACHE);
     try {
       await next.cache(offset, length, flags, ctx);
@@ -145,7 +175,13 @@ export class StatsFilter implements Filter {
     this.done(Op.CACHE, t0, offset, length);
   }
 
-  async blockStatus(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<Extent[]> {
+  async blockStatus(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<Extent[]> {
     const t0 = this.start(Op.BLOCK_STATUS);
     let extents: Extent[];
     try {
@@ -190,7 +226,14 @@ export class StatsFilter implements Filter {
     if (ms > this.latencyMaxMs[op]!) this.latencyMaxMs[op] = ms;
   }
 
-  private record(op: number, t0: number, ms: number, offset: number, length: number, result: number): void {
+  private record(
+    op: number,
+    t0: number,
+    ms: number,
+    offset: number,
+    length: number,
+    result: number,
+  ): void {
     const i = this.tRecorded % this.traceCap;
     this.tRecorded++;
     this.tOp[i] = op;
@@ -321,14 +364,44 @@ export class StatsFilter implements Filter {
         cumulative += this.hist[op * BUCKETS + b]!;
         buckets.push({ le: BUCKET_BOUNDS_MS[b]! / 1000, count: cumulative });
       }
-      latency.push({ labels, buckets, sum: this.latencySumMs[op]! / 1000, count: this.requests[op]! });
+      latency.push({
+        labels,
+        buckets,
+        sum: this.latencySumMs[op]! / 1000,
+        count: this.requests[op]!,
+      });
     }
     return [
-      { name: 'devfilter_requests_total', help: 'Requests completed (successfully or not), by operation.', type: 'counter', samples: requests },
-      { name: 'devfilter_request_bytes_total', help: 'Bytes of successful requests (payload, or range length for trim/zero/cache/block-status).', type: 'counter', samples: bytes },
-      { name: 'devfilter_request_errors_total', help: 'Failed requests, by operation and errno.', type: 'counter', samples: errors },
-      { name: 'devfilter_requests_in_flight', help: 'Requests passed down and not yet completed.', type: 'gauge', samples: inFlight },
-      { name: 'devfilter_request_duration_seconds', help: 'Request latency measured at the filter, by operation.', type: 'histogram', samples: latency },
+      {
+        name: 'devfilter_requests_total',
+        help: 'Requests completed (successfully or not), by operation.',
+        type: 'counter',
+        samples: requests,
+      },
+      {
+        name: 'devfilter_request_bytes_total',
+        help: 'Bytes of successful requests (payload, or range length for trim/zero/cache/block-status).',
+        type: 'counter',
+        samples: bytes,
+      },
+      {
+        name: 'devfilter_request_errors_total',
+        help: 'Failed requests, by operation and errno.',
+        type: 'counter',
+        samples: errors,
+      },
+      {
+        name: 'devfilter_requests_in_flight',
+        help: 'Requests passed down and not yet completed.',
+        type: 'gauge',
+        samples: inFlight,
+      },
+      {
+        name: 'devfilter_request_duration_seconds',
+        help: 'Request latency measured at the filter, by operation.',
+        type: 'histogram',
+        samples: latency,
+      },
     ];
   }
 }

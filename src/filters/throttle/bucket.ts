@@ -29,7 +29,7 @@ export class TokenBucket {
 
   /** Milliseconds until the bucket holds tokens again (0 if it does). */
   waitMs(): number {
-    return this.tokens > 0 ? 0 : ((-this.tokens) * 1000) / this.rate;
+    return this.tokens > 0 ? 0 : (-this.tokens * 1000) / this.rate;
   }
 
   /** Changes the rate and size, keeping the tokens it holds (up to the new size). */

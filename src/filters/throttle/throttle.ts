@@ -74,20 +74,41 @@ const BUCKETS = [
   { key: 'writeBps', size: 'writeBpsBurst', bytes: true, classes: [WRITE] },
 ] as const;
 
-const SIZE_KEYS = new Set(['bps', 'readBps', 'writeBps', 'bpsBurst', 'readBpsBurst', 'writeBpsBurst']);
+const SIZE_KEYS = new Set([
+  'bps',
+  'readBps',
+  'writeBps',
+  'bpsBurst',
+  'readBpsBurst',
+  'writeBpsBurst',
+]);
 
-const rate = (description: string): Record<string, unknown> => ({ type: 'number', minimum: 0, description });
-const bytes = (description: string): Record<string, unknown> => ({ type: ['number', 'string'], minimum: 0, description });
+const rate = (description: string): Record<string, unknown> => ({
+  type: 'number',
+  minimum: 0,
+  description,
+});
+const bytes = (description: string): Record<string, unknown> => ({
+  type: ['number', 'string'],
+  minimum: 0,
+  description,
+});
 
 /** The schema of the limits, for creation (`withDefaults`) and for `set` (a partial update). */
-export function limitsSchema(withDefaults: boolean): { type: 'object'; properties: Record<string, unknown>; additionalProperties: false } {
+export function limitsSchema(withDefaults: boolean): {
+  type: 'object';
+  properties: Record<string, unknown>;
+  additionalProperties: false;
+} {
   return {
     type: 'object',
     properties: {
       iops: rate('Operations per second, reads and writes together. 0 = unlimited.'),
       readIops: rate('Read operations per second. 0 = unlimited.'),
       writeIops: rate('Write operations (write, trim, zero) per second. 0 = unlimited.'),
-      bps: bytes('Bytes per second, reads and writes together; a number or a size such as "4M". 0 = unlimited.'),
+      bps: bytes(
+        'Bytes per second, reads and writes together; a number or a size such as "4M". 0 = unlimited.',
+      ),
       readBps: bytes('Bytes read per second (number or size). 0 = unlimited.'),
       writeBps: bytes('Bytes written per second (number or size). 0 = unlimited.'),
       burst: {
@@ -97,12 +118,24 @@ export function limitsSchema(withDefaults: boolean): { type: 'object'; propertie
         ...(withDefaults ? { default: DEFAULT_BURST_SECONDS } : {}),
         description: `Bucket size in seconds of the rate: how much may go at once after a quiet period. Default ${DEFAULT_BURST_SECONDS}.`,
       },
-      iopsBurst: rate('Size of the total IOPS bucket in operations (overrides burst). 0 = from burst.'),
-      readIopsBurst: rate('Size of the read IOPS bucket in operations (overrides burst). 0 = from burst.'),
-      writeIopsBurst: rate('Size of the write IOPS bucket in operations (overrides burst). 0 = from burst.'),
-      bpsBurst: bytes('Size of the total bytes/s bucket in bytes (overrides burst). 0 = from burst.'),
-      readBpsBurst: bytes('Size of the read bytes/s bucket in bytes (overrides burst). 0 = from burst.'),
-      writeBpsBurst: bytes('Size of the write bytes/s bucket in bytes (overrides burst). 0 = from burst.'),
+      iopsBurst: rate(
+        'Size of the total IOPS bucket in operations (overrides burst). 0 = from burst.',
+      ),
+      readIopsBurst: rate(
+        'Size of the read IOPS bucket in operations (overrides burst). 0 = from burst.',
+      ),
+      writeIopsBurst: rate(
+        'Size of the write IOPS bucket in operations (overrides burst). 0 = from burst.',
+      ),
+      bpsBurst: bytes(
+        'Size of the total bytes/s bucket in bytes (overrides burst). 0 = from burst.',
+      ),
+      readBpsBurst: bytes(
+        'Size of the read bytes/s bucket in bytes (overrides burst). 0 = from burst.',
+      ),
+      writeBpsBurst: bytes(
+        'Size of the write bytes/s bucket in bytes (overrides burst). 0 = from burst.',
+      ),
     },
     additionalProperties: false,
   };
@@ -248,12 +281,24 @@ export class ThrottleFilter implements Filter {
     return this.wait(WRITE, data.length, ctx).then(() => next.write(data, offset, flags, ctx));
   }
 
-  trim(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  trim(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     if (this.admitNow(WRITE, 0)) return next.trim(offset, length, flags, ctx);
     return this.wait(WRITE, 0, ctx).then(() => next.trim(offset, length, flags, ctx));
   }
 
-  writeZeroes(next: Device, offset: number, length: number, flags: number, ctx?: IoContext): Promise<void> {
+  writeZeroes(
+    next: Device,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<void> {
     if (this.admitNow(WRITE, 0)) return next.writeZeroes(offset, length, flags, ctx);
     return this.wait(WRITE, 0, ctx).then(() => next.writeZeroes(offset, length, flags, ctx));
   }
@@ -335,7 +380,9 @@ export class ThrottleFilter implements Filter {
     }
     const f = flow;
     this.queued[cls]!++;
-    const promise = new Promise<void>((resolve) => f.push({ bytes, since: performance.now(), resolve }));
+    const promise = new Promise<void>((resolve) =>
+      f.push({ bytes, since: performance.now(), resolve }),
+    );
     this.dispatch();
     return promise;
   }
@@ -377,7 +424,8 @@ export class ThrottleFilter implements Filter {
       return;
     }
     let soonest = Infinity;
-    for (const flow of this.ring) soonest = Math.min(soonest, this.waitMs(flow.cls, flow.peek().bytes));
+    for (const flow of this.ring)
+      soonest = Math.min(soonest, this.waitMs(flow.cls, flow.peek().bytes));
     this.schedule(now + soonest);
   }
 
@@ -441,10 +489,18 @@ export class ThrottleFilter implements Filter {
       b.refill(now);
       buckets[key] = { rate: b.rate, capacity: round(b.capacity), tokens: round(b.tokens) };
     }
-    const connections = new Map<number, { id: number; client: string; read: number; write: number }>();
+    const connections = new Map<
+      number,
+      { id: number; client: string; read: number; write: number }
+    >();
     for (const flow of this.ring) {
       const id = flow.key === null ? 0 : flow.id;
-      const entry = connections.get(id) ?? { id, client: flow.key === null ? 'internal' : clientLabel(flow.key.client), read: 0, write: 0 };
+      const entry = connections.get(id) ?? {
+        id,
+        client: flow.key === null ? 'internal' : clientLabel(flow.key.client),
+        read: 0,
+        write: 0,
+      };
       entry[CLASS_NAMES[flow.cls]!] += flow.length;
       connections.set(id, entry);
     }
@@ -455,7 +511,11 @@ export class ThrottleFilter implements Filter {
     return {
       limits: { ...this.limits },
       buckets,
-      queued: { read: this.queued[READ]!, write: this.queued[WRITE]!, connections: [...connections.values()] },
+      queued: {
+        read: this.queued[READ]!,
+        write: this.queued[WRITE]!,
+        connections: [...connections.values()],
+      },
       read: counters(READ),
       write: counters(WRITE),
     };
@@ -484,13 +544,38 @@ export class ThrottleFilter implements Filter {
 
   /** Prometheus metrics: throttled requests, time spent waiting, queue lengths. */
   metrics(): MetricFamily[] {
-    const per = (f: (c: ClassCounters, cls: number) => number): Array<{ labels: { class: string }; value: number }> =>
-      [READ, WRITE].map((cls) => ({ labels: { class: CLASS_NAMES[cls]! }, value: f(this.counters[cls]!, cls) }));
+    const per = (
+      f: (c: ClassCounters, cls: number) => number,
+    ): Array<{ labels: { class: string }; value: number }> =>
+      [READ, WRITE].map((cls) => ({
+        labels: { class: CLASS_NAMES[cls]! },
+        value: f(this.counters[cls]!, cls),
+      }));
     return [
-      { name: 'devfilter_throttle_requests_total', help: 'Requests passed by the throttle, by class.', type: 'counter', samples: per((c) => c.passed) },
-      { name: 'devfilter_throttle_delayed_requests_total', help: 'Requests that waited for tokens, by class.', type: 'counter', samples: per((c) => c.throttled) },
-      { name: 'devfilter_throttle_wait_seconds_total', help: 'Time requests spent waiting for tokens, by class.', type: 'counter', samples: per((c) => c.waitMs / 1000) },
-      { name: 'devfilter_throttle_queued_requests', help: 'Requests waiting for tokens now, by class.', type: 'gauge', samples: per((_, cls) => this.queued[cls]!) },
+      {
+        name: 'devfilter_throttle_requests_total',
+        help: 'Requests passed by the throttle, by class.',
+        type: 'counter',
+        samples: per((c) => c.passed),
+      },
+      {
+        name: 'devfilter_throttle_delayed_requests_total',
+        help: 'Requests that waited for tokens, by class.',
+        type: 'counter',
+        samples: per((c) => c.throttled),
+      },
+      {
+        name: 'devfilter_throttle_wait_seconds_total',
+        help: 'Time requests spent waiting for tokens, by class.',
+        type: 'counter',
+        samples: per((c) => c.waitMs / 1000),
+      },
+      {
+        name: 'devfilter_throttle_queued_requests',
+        help: 'Requests waiting for tokens now, by class.',
+        type: 'gauge',
+        samples: per((_, cls) => this.queued[cls]!),
+      },
     ];
   }
 
