@@ -42,7 +42,10 @@ test('slices of a shared slab are never taken into the pool', () => {
     pool.release(small);
     const big = pool.acquire(128 * 1024);
     big.fill(1);
-    assert.ok(neighbour.every((b) => b === 7), 'a pooled buffer overwrote memory it does not own');
+    assert.ok(
+      neighbour.every((b) => b === 7),
+      'a pooled buffer overwrote memory it does not own',
+    );
   } finally {
     Buffer.poolSize = saved;
   }
