@@ -119,7 +119,7 @@ export class LiveStack implements Device {
     if (this.inFlight === 0 && this.onDrained !== null) this.onDrained();
   };
 
-  constructor(private backend: Device) {
+  constructor(private readonly backend: Device) {
     this.top = backend;
   }
 
@@ -291,20 +291,6 @@ export class LiveStack implements Device {
     const result = this.changeLock.then(run, run);
     this.changeLock = result.catch(() => undefined);
     return result;
-  }
-
-  /** Replaces the backend (migration cutover) with the same suspend/drain/resume. */
-  async replaceBackend(backend: Device, timeoutMs: number): Promise<Device> {
-    let old!: Device;
-    await this.change((current) => {
-      old = this.backend;
-      this.backend = backend;
-      return current;
-    }, timeoutMs).catch((err) => {
-      if (old !== undefined) this.backend = old;
-      throw err;
-    });
-    return old;
   }
 
   private drain(timeoutMs: number): Promise<void> {

@@ -71,7 +71,11 @@ interface Request {
   payload: Buffer | null;
   /** The payload came from the buffer pool and goes back to it when the request is done. */
   pooled: boolean;
+  /** Payload bytes this request counts against the in-flight limit until it completes. */
+  bytes: number;
 }
+
+const EMPTY = Buffer.alloc(0);
 
 class RequestRejected extends Error {
   constructor(
@@ -162,8 +166,7 @@ export class TransmissionSession {
     this.shuttingDown = true;
     // Requests already received but not yet parsed are answered ESHUTDOWN (validate() says
     // so), not dropped; the connection closes once nothing is in flight.
-    if (this.state === 'header' || this.state === 'payload' || this.state === 'discard')
-      this.pump();
+    if (this.state !== 'closing') this.pump();
     if (this.inFlight === 0) this.beginClose();
   }
 
@@ -234,6 +237,7 @@ export class TransmissionSession {
       length: h.readUInt32BE(24),
       payload: null,
       pooled: false,
+      bytes: 0,
     };
     if (req.type === Cmd.WRITE) {
       if (req.length > this.maxPayload) {
@@ -242,12 +246,13 @@ export class TransmissionSession {
         this.discardRemaining = req.length;
         this.pending = req;
       } else if (req.length === 0) {
-        req.payload = Buffer.alloc(0);
+        req.payload = EMPTY;
         this.dispatch(req);
       } else {
         this.state = 'payload';
         this.pending = req;
-        this.inFlightBytes += req.length; // counts while it arrives, so limits see it
+        req.bytes = req.length; // counts while it arrives, so limits see it
+        this.inFlightBytes += req.bytes;
       }
       return true;
     }
@@ -273,7 +278,10 @@ export class TransmissionSession {
 
   private dispatch(req: Request): void {
     this.inFlight++;
-    if (req.type === Cmd.READ) this.inFlightBytes += req.length;
+    if (req.type === Cmd.READ) {
+      req.bytes = req.length;
+      this.inFlightBytes += req.bytes;
+    }
     void this.serve(req);
   }
 
@@ -327,9 +335,7 @@ export class TransmissionSession {
       // Devices and filters do not keep request buffers past completion (docs/filter-api.md).
       if (req.pooled) this.pool.release(req.payload!);
       this.inFlight--;
-      if (req.type === Cmd.READ || req.type === Cmd.WRITE) {
-        if (req.payload !== null || req.type === Cmd.READ) this.inFlightBytes -= req.length;
-      }
+      this.inFlightBytes -= req.bytes;
       if (this.state !== 'closing') this.pump();
       if (this.state === 'closing' || this.shuttingDown) this.maybeFinish();
     }
