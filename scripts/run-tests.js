@@ -23,7 +23,8 @@ function findTests(dir) {
   return out.sort();
 }
 
-const filters = process.argv.slice(2);
+// "test/crash" and "crash" name the same files: paths are matched below dist/test.
+const filters = process.argv.slice(2).map((p) => p.replace(/^(\.\/)?test\//, ''));
 const files = findTests(testDir).filter(
   (f) => filters.length === 0 || filters.some((p) => relative(testDir, f).includes(p)),
 );

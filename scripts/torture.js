@@ -36,10 +36,19 @@ const scenarios = [
   ],
   ['churn', { churn: true }],
   ['deep queue', { depth: 32, blocks: 1024 }],
+  ['snapshots', { snapshots: true }],
 ];
 const deadline = Date.now() + minutes * 60_000;
 let seed = values.seed !== undefined ? Number(values.seed) : Date.now() % 1_000_000;
-const totals = { rounds: 0, requests: 0, acknowledged: 0, stackChanges: 0, lost: 0 };
+const totals = {
+  rounds: 0,
+  requests: 0,
+  acknowledged: 0,
+  stackChanges: 0,
+  lost: 0,
+  snapshotsIntact: 0,
+  snapshotsFailed: 0,
+};
 let failed = false;
 while (Date.now() < deadline) {
   const [name, opts] = scenarios[totals.rounds % scenarios.length];
@@ -49,15 +58,18 @@ while (Date.now() < deadline) {
   totals.acknowledged += r.acknowledged;
   totals.stackChanges += r.stackChanges;
   totals.lost += r.lost.length;
+  totals.snapshotsIntact += r.snapshotsIntact;
+  totals.snapshotsFailed += r.snapshotsFailed.length;
   if (r.lost.length > 0) {
     failed = true;
-    console.error(`FAIL scenario ${name} seed ${seed}: ${r.lost.length} durable blocks lost`);
+    console.error(`FAIL scenario ${name} seed ${seed}: ${r.lost.length} blocks lost or wrong`);
     for (const l of r.lost.slice(0, 10)) console.error(`  ${l}`);
   }
   seed++;
 }
 console.log(
   `torture: ${totals.rounds} kill -9 rounds, ${totals.requests} requests (${totals.acknowledged} acknowledged), ` +
-    `${totals.stackChanges} stack changes, ${totals.lost} durable blocks lost`,
+    `${totals.stackChanges} stack changes, ${totals.lost} durable blocks lost or images wrong; ` +
+    `snapshots after restart: ${totals.snapshotsIntact} intact, ${totals.snapshotsFailed} failed`,
 );
 process.exit(failed ? 1 : 0);

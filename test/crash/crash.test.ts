@@ -25,10 +25,11 @@ const scenarios: Array<[string, Omit<RoundOptions, 'seed'>]> = [
     },
   ],
   ['filters created and removed while the daemon is killed', { churn: true }],
+  ['snapshots taken and deleted all along, images checked after the restart', { snapshots: true }],
 ];
 
 for (const [i, [name, opts]] of scenarios.entries()) {
-  test(`kill -9 under load loses nothing durable: ${name}`, async () => {
+  test(`kill -9 under load loses nothing durable: ${name}`, async (t) => {
     for (let round = 0; round < 3; round++) {
       const seed = baseSeed + i * 1000 + round;
       const r = await crashRound({ ...opts, seed });
@@ -40,6 +41,16 @@ for (const [i, [name, opts]] of scenarios.entries()) {
       assert.ok(r.acknowledged > 0, `seed ${seed}: no request completed before the kill`);
       if (opts.churn)
         assert.ok(r.stackChanges > 0, `seed ${seed}: the stack never changed before the kill`);
+      if (opts.snapshots) {
+        t.diagnostic(
+          `seed ${seed}: ${r.snapshotsIntact} snapshot(s) intact after the restart, ` +
+            `${r.snapshotsFailed.length} failed ${JSON.stringify(r.snapshotsFailed)}`,
+        );
+        assert.ok(
+          r.snapshotsIntact + r.snapshotsFailed.length > 0,
+          `seed ${seed}: no snapshot to check after the restart`,
+        );
+      }
     }
   });
 }

@@ -31,6 +31,12 @@ export interface RoundOptions {
   depth?: number;
   /** Kill after this many ms (default: seeded, 100–600). */
   killAfterMs?: number;
+  /**
+   * Keep taking (and deleting) snapshots while the workload runs, with a `snapshot` filter at
+   * the bottom of the stack; after the restart every snapshot that exists must be intact or
+   * failed, and every acknowledged take must still exist.
+   */
+  snapshots?: boolean;
 }
 
 export interface RoundResult {
@@ -40,6 +46,9 @@ export interface RoundResult {
   durableBlocks: number;
   stackChanges: number;
   lost: string[];
+  /** Snapshots checked after the restart: intact, and failed (with their reasons). */
+  snapshotsIntact: number;
+  snapshotsFailed: string[];
 }
 
 /** mulberry32: small, seedable, good enough to pick offsets and sizes. */
@@ -78,6 +87,21 @@ function matches(actual: Buffer, block: number, c: Content): boolean {
   return actual.equals(blockData(block, c.version));
 }
 
+/**
+ * A snapshot take seen by the workload. Per block, the image may hold any version from the
+ * last one acknowledged when the take was called up to (not including) the first one issued
+ * after it returned — or, for a take cut short by the kill, any version issued at all.
+ */
+interface Take {
+  name: string;
+  /** history index of each block's last acknowledged version when the take was called. */
+  from: Int32Array;
+  /** history length of each block when the take returned; undefined if it never did. */
+  until?: Int32Array;
+  /** A delete was sent: the snapshot may be gone. */
+  deleting?: boolean;
+}
+
 interface Daemon {
   child: ChildProcess;
   exited: Promise<void>;
@@ -92,12 +116,15 @@ async function startDaemon(
 ): Promise<Daemon> {
   const config = join(dir, 'devfilter.yaml');
   const socket = join(dir, 'nbd.sock');
+  const filters = [...(opts.filters ?? [])];
+  // Declared in the config so that a restarted daemon re-attaches it before serving anyone.
+  if (opts.snapshots) filters.push({ type: 'snapshot', args: { store: join(dir, 'store') } });
   writeFileSync(
     config,
     JSON.stringify({
       socket,
       control: join(dir, 'control.sock'),
-      exports: { disk: { file: image, create: blocks * BLOCK, filters: opts.filters ?? [] } },
+      exports: { disk: { file: image, create: blocks * BLOCK, filters } },
     }),
   );
   const child = spawn(process.execPath, [CLI, 'serve', '--config', config, '--log-level', 'warn'], {
@@ -114,6 +141,66 @@ async function startDaemon(
     await sleep(20);
   }
   return { child, exited, stderr: () => err };
+}
+
+/**
+ * After the restart: every acknowledged take is listed (unless deleted), and every listed
+ * snapshot is failed with a reason or reads exactly a content allowed at its instant.
+ */
+async function checkSnapshots(
+  dir: string,
+  takes: Take[],
+  history: Version[][],
+): Promise<{ intact: number; failed: string[]; wrong: string[] }> {
+  const control = join(dir, 'control.sock');
+  const listed = (
+    (await callOnce(control, 'snapshot.list', { export: 'disk' })) as {
+      snapshots: Array<{ name: string; state: string; reason?: string | null; image: string }>;
+    }
+  ).snapshots;
+  const wrong: string[] = [];
+  const failed: string[] = [];
+  let intact = 0;
+  for (const take of takes) {
+    const s = listed.find((x) => x.name === take.name);
+    if (s === undefined) {
+      // Only a take cut short by the kill, or one deleted on purpose, may be missing.
+      if (take.until !== undefined && !take.deleting)
+        wrong.push(`snapshot ${take.name}: acknowledged, missing after the restart`);
+      continue;
+    }
+    if (s.state === 'failed') {
+      if (!s.reason) wrong.push(`snapshot ${take.name}: failed without a reason`);
+      failed.push(`${take.name}: ${s.reason}`);
+      continue;
+    }
+    const image = await NbdClient.fromUri(
+      `nbd+unix:///${encodeURIComponent(s.image)}?socket=${join(dir, 'nbd.sock')}`,
+    );
+    try {
+      for (let b = 0; b < history.length; b++) {
+        const actual = await image.read(b * BLOCK, BLOCK);
+        const from = take.from[b]!;
+        const until = take.until?.[b] ?? history[b]!.length;
+        const candidates: Content[] = from < 0 ? [{ kind: 'zero' }] : [];
+        for (const v of history[b]!.slice(Math.max(from, 0), until)) candidates.push(v.content);
+        if (!candidates.some((c) => matches(actual, b, c))) {
+          wrong.push(
+            `snapshot ${take.name} block ${b}: found block ${actual.readUInt32LE(0)} ` +
+              `version ${actual.readUInt32LE(4)}, not a content of its instant`,
+          );
+          break;
+        }
+      }
+    } finally {
+      await image.disconnect();
+    }
+    intact++;
+  }
+  for (const s of listed) {
+    if (!takes.some((t) => t.name === s.name)) wrong.push(`snapshot ${s.name}: never taken`);
+  }
+  return { intact, failed, wrong };
 }
 
 export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
@@ -228,6 +315,36 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
       }
     };
 
+    const takes: Take[] = [];
+    const snapshotter = async (): Promise<void> => {
+      const control = join(dir.path, 'control.sock');
+      const live: Take[] = [];
+      for (let i = 1; !killed; i++) {
+        await sleep(Math.floor(rand() * 80));
+        if (killed) return;
+        const take: Take = {
+          name: `s${i}`,
+          from: Int32Array.from(history, (h) => h.findLastIndex((v) => v.acked)),
+        };
+        takes.push(take);
+        try {
+          await callOnce(control, 'snapshot.create', { exports: ['disk'], name: take.name });
+          take.until = Int32Array.from(history, (h) => h.length);
+          live.push(take);
+          // Deleting frees copies for reuse: a deleted snapshot that came back after the
+          // restart would read reused slots, which the image check below would catch.
+          if (live.length > 3 && rand() < 0.5) {
+            const victim = live.shift()!;
+            victim.deleting = true;
+            await callOnce(control, 'snapshot.delete', { export: 'disk', name: victim.name });
+          }
+        } catch (err) {
+          if (!killed) throw err;
+          return;
+        }
+      }
+    };
+
     const worker = async (): Promise<void> => {
       while (!killed) {
         try {
@@ -240,6 +357,7 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
     await Promise.all([
       ...Array.from({ length: depth }, worker),
       opts.churn ? churn() : Promise.resolve(),
+      opts.snapshots ? snapshotter() : Promise.resolve(),
       killer,
     ]);
     await client.close();
@@ -264,7 +382,20 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
       }
     }
     await reader.disconnect();
-    return { seed: opts.seed, requests, acknowledged, durableBlocks, stackChanges, lost };
+    const checked = opts.snapshots
+      ? await checkSnapshots(dir.path, takes, history)
+      : { intact: 0, failed: [], wrong: [] };
+    lost.push(...checked.wrong);
+    return {
+      seed: opts.seed,
+      requests,
+      acknowledged,
+      durableBlocks,
+      stackChanges,
+      lost,
+      snapshotsIntact: checked.intact,
+      snapshotsFailed: checked.failed,
+    };
   } finally {
     if (daemon && daemon.child.exitCode === null) {
       daemon.child.kill('SIGKILL');
