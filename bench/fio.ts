@@ -77,15 +77,27 @@ export async function runFio(
   row: Row,
   opts: { runtimeS: number; rampS: number; tmpDir: string },
 ): Promise<FioOutcome> {
+  return runFioJob(uri, fioJobArgs(row, opts.runtimeS, opts.rampS), {
+    tmpDir: opts.tmpDir,
+    timeoutMs: (opts.runtimeS + opts.rampS + 30) * 1000,
+  });
+}
+
+/** Runs one fio job given as arguments (without engine, uri and output options). */
+export async function runFioJob(
+  uri: string,
+  jobArgs: string[],
+  opts: { tmpDir: string; timeoutMs: number },
+): Promise<FioOutcome> {
   const output = join(opts.tmpDir, `fio-${process.pid}-${Date.now()}.json`);
   const args = [
     '--ioengine=nbd',
     `--uri=${uri}`,
-    ...fioJobArgs(row, opts.runtimeS, opts.rampS),
+    ...jobArgs,
     '--output-format=json',
     `--output=${output}`,
   ];
-  const timeoutMs = (opts.runtimeS + opts.rampS + 30) * 1000;
+  const { timeoutMs } = opts;
   const r = await run('fio', args, { timeoutMs });
   try {
     if (r.timedOut) throw new Error(`fio did not finish within ${timeoutMs / 1000} s`);

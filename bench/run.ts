@@ -4,20 +4,12 @@
  * one server at a time, alternating the order across repeats; medians of the repeats.
  * See docs/performance.md. `npm run bench -- --help` lists the options.
  */
-import {
-  mkdirSync,
-  mkdtempSync,
-  openSync,
-  closeSync,
-  ftruncateSync,
-  existsSync,
-  writeFileSync,
-  readdirSync,
-} from 'node:fs';
+import { mkdirSync, mkdtempSync, writeFileSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { renderChart } from './chart.js';
+import { createFile, loud } from './file.js';
 import { runFio } from './fio.js';
 import { planFilters } from './filters.js';
 import { describeMachine, loadAverage } from './machine.js';
@@ -28,7 +20,6 @@ import {
   procStatusKiB,
   removeAtExit,
   resetPeakRss,
-  run,
   which,
 } from './proc.js';
 import { renderMarkdownReport, renderReport, fmtIops } from './report.js';
@@ -205,11 +196,6 @@ function options(): Options {
   };
 }
 
-function loud(message: string): void {
-  const bar = '!'.repeat(Math.min(100, message.length + 4));
-  process.stderr.write(`\n${bar}\n! ${message}\n${bar}\n\n`);
-}
-
 /** The server list: peers that are installed, devfilter, and the filter variants. */
 async function plan(o: Options): Promise<{ defs: ServerDef[]; records: ServerRecord[] }> {
   const peers = peerServers();
@@ -272,32 +258,6 @@ async function plan(o: Options): Promise<{ defs: ServerDef[]; records: ServerRec
     );
   }
   return { defs: defs.filter((d) => !d.unavailable), records };
-}
-
-async function createFile(
-  sizeBytes: number,
-  dir: string | undefined,
-): Promise<{ path: string; filledWith: string }> {
-  const base = dir ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
-  if (dir === undefined && base !== '/dev/shm')
-    loud(`/dev/shm is missing: the export file goes to ${base}, so numbers are not comparable`);
-  const path = join(base, `devfilter-bench-${process.pid}.img`);
-  removeAtExit(path);
-  const fd = openSync(path, 'w');
-  ftruncateSync(fd, sizeBytes);
-  closeSync(fd);
-  const args = [
-    '--name=fill',
-    '--ioengine=psync',
-    '--rw=write',
-    '--bs=1M',
-    `--size=${sizeBytes}`,
-    `--filename=${path}`,
-    '--output-format=terse',
-  ];
-  const r = await run('fio', args, { timeoutMs: 120_000 });
-  if (r.code !== 0) throw new Error(`filling ${path} failed: ${r.stderr.trim()}`);
-  return { path, filledWith: `fio ${args.slice(0, -2).join(' ')} (fio's pseudo-random buffers)` };
 }
 
 interface Live {

@@ -1,5 +1,5 @@
 /**
- * `devfilter snapshot create|delete|list|status`: point-in-time images of live exports, one
+ * `devfilter snapshot create|delete|list|status|verify`: point-in-time images of live exports, one
  * command each, over the control plane. A snapshot of several exports is one consistency
  * group (the same instant on all of them); each image is served as the export `EXPORT@NAME`.
  */
@@ -134,6 +134,33 @@ export function addSnapshotCommands(program: Command): void {
       const r = await c.call('snapshot.status', { export: exportName });
       if (o.json) printJson(r);
       else await printYaml(r);
+    });
+  });
+
+  common(
+    snap
+      .command('verify')
+      .description(
+        "read every copy in EXPORT's difference store back against its checksum; damaged copies fail the snapshots they serve (exit 1)",
+      )
+      .argument('<export>', 'export name'),
+  ).action(async (exportName: string, o: CommonOptions) => {
+    await withClient(o, async (c) => {
+      const r = (await c.call('snapshot.verify', { export: exportName })) as {
+        checked: number;
+        bytes: number;
+        skipped: number;
+        damaged: unknown[];
+        failed: string[];
+      };
+      if (o.json) printJson(r);
+      else {
+        process.stdout.write(
+          `${r.checked} copies checked (${r.bytes} bytes), ${r.skipped} freed meanwhile, ${r.damaged.length} damaged\n`,
+        );
+        if (r.damaged.length > 0) await printYaml({ damaged: r.damaged, failed: r.failed });
+      }
+      if (r.damaged.length > 0) process.exitCode = 1;
     });
   });
 }

@@ -10,6 +10,7 @@ import {
   snapshotDelete,
   snapshotList,
   snapshotStatus,
+  snapshotVerify,
 } from './snapshot-methods.js';
 import type { MethodName } from './schema.js';
 
@@ -159,6 +160,7 @@ export const methods: Record<MethodName, Method> = {
   'snapshot.delete': (ctx, p) => snapshotDelete(ctx.manager, p),
   'snapshot.list': (ctx, p) => snapshotList(ctx.manager, p),
   'snapshot.status': (ctx, p) => snapshotStatus(ctx.manager, p),
+  'snapshot.verify': (ctx, p) => snapshotVerify(ctx.manager, p),
 
   'events.unsubscribe': (_ctx, _p, session) => {
     session.unsubscribe();

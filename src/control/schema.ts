@@ -177,6 +177,12 @@ export const methodParamSchemas = {
     required: ['export'],
     additionalProperties: false,
   },
+  'snapshot.verify': {
+    type: 'object',
+    properties: { export: exportName },
+    required: ['export'],
+    additionalProperties: false,
+  },
   'daemon.status': none,
   'events.subscribe': none,
   'events.unsubscribe': none,

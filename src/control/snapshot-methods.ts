@@ -88,3 +88,12 @@ export async function snapshotStatus(manager: DeviceManager, p: Params): Promise
     return asRpc(err);
   }
 }
+
+/** Reads every copy back against its checksum; damaged copies fail their snapshots. */
+export async function snapshotVerify(manager: DeviceManager, p: Params): Promise<unknown> {
+  try {
+    return await snapshotFilterOf(manager, p.export as string).control('verify', {});
+  } catch (err) {
+    return asRpc(err);
+  }
+}

@@ -1,7 +1,7 @@
 /**
  * `devfilter snapshot ...` against a real daemon, with real clients reading the images:
  * a consistency group over two exports, `qemu-img compare` between an image and a copy taken
- * while writes were stopped, delete, and clear errors and exit codes.
+ * while writes were stopped, verify, delete, and clear errors and exit codes.
  */
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
@@ -81,6 +81,14 @@ test('a group snapshot of two exports, read by qemu-img while the origins change
     'db@monday:active',
     'logs@monday:active',
   ]);
+
+  // The copies made by the 2M write above read back with their checksums.
+  const verify = await d.cli(['snapshot', 'verify', 'db']);
+  assert.equal(verify.code, 0, verify.stderr);
+  assert.match(
+    verify.stdout,
+    /^32 copies checked \(2097152 bytes\), 0 freed meanwhile, 0 damaged$/m,
+  );
 
   const del = await d.cli(['snapshot', 'delete', 'db', 'monday']);
   assert.equal(del.code, 0, del.stderr);

@@ -176,6 +176,8 @@ export const FailCode = {
   STORE_FULL: 1,
   HOST_FULL: 2,
   STORE_ERROR: 3,
+  /** `verify` found a copy whose data does not match the CRC in its record. */
+  DAMAGED: 4,
 } as const;
 
 export interface LogRecord {

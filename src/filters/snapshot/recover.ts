@@ -41,6 +41,8 @@ export function failReason(code: number, limit: number): string {
       return `difference store full: limit ${limit} bytes`;
     case FailCode.HOST_FULL:
       return 'difference store: no space left on the host file system';
+    case FailCode.DAMAGED:
+      return 'difference store damaged: a copy does not match its checksum (found by verify)';
     default:
       return 'difference store I/O error';
   }

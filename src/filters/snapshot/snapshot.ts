@@ -62,7 +62,7 @@ export interface SnapshotInfo {
   image: string;
 }
 
-const COMMANDS = ['take', 'delete', 'list', 'status'] as const;
+const COMMANDS = ['take', 'delete', 'list', 'status', 'verify'] as const;
 
 const nameArgs = commandValidator<{ name: string; timeoutMs?: number }>(
   {
@@ -314,6 +314,10 @@ export class SnapshotFilter implements Filter {
       case 'status':
         noArgs(args);
         return this.status();
+      case 'verify':
+        noArgs(args);
+        this.checkOpen();
+        return this.cow.verify();
       default:
         throw unknownCommand('snapshot', command, COMMANDS);
     }

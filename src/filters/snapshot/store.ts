@@ -256,6 +256,19 @@ export class DiffStore {
     }
   }
 
+  /** The log as written so far (header included), for `verify`. */
+  async readLog(): Promise<Buffer> {
+    if (this.closed) throw new Error('difference store is closed');
+    const buf = Buffer.allocUnsafe(this.logSize);
+    this.reads++;
+    try {
+      await preadFull(this.logFd, buf, 0);
+    } finally {
+      if (--this.reads === 0) this.readsDrained?.();
+    }
+    return buf;
+  }
+
   /**
    * Appends records durably: resolves once they and every slot write made before the call are
    * on stable storage. Concurrent calls share one write and one sync per file.
