@@ -6,7 +6,7 @@
  * Exit codes: 0 success, 1 runtime failure (or the daemon failed the request), 2 usage error
  * or invalid arguments, 3 not found, 4 cannot reach the daemon.
  */
-import { existsSync, mkdirSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, relative, resolve } from 'node:path';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
@@ -27,6 +27,7 @@ import { parseListenAddress } from './listen-address.js';
 import type { Level } from 'pino';
 import { EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, ExitError, UsageError } from './output.js';
 import { VERSION } from './version.js';
+import { makeDirsSync } from '../core/make-dirs.js';
 
 function collect<T>(parse: (v: string) => T) {
   return (value: string, previous: T[] = []): T[] => {
@@ -253,7 +254,7 @@ async function runDemo(o: {
   logLevel: string;
 }): Promise<void> {
   const dataDir = resolve(o.dataDir ?? defaultDataDir());
-  mkdirSync(dataDir, { recursive: true });
+  makeDirsSync(dataDir);
   const image = join(dataDir, 'demo.img');
   const socket = join(dataDir, 'nbd.sock');
   const size = o.size ?? 1024 ** 3;

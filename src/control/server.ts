@@ -119,6 +119,7 @@ class ControlConnection implements MethodSession {
   private ended = false;
   private dead = false;
   private subscribed = false;
+  private confirmedEnd = false;
   private dropped = 0;
 
   constructor(
@@ -251,6 +252,13 @@ class ControlConnection implements MethodSession {
     if (this.ended) {
       // The client has sent everything; keep the connection only for an event stream.
       if (!this.subscribed) this.socket.end();
+      else if (!this.confirmedEnd) {
+        // A half-closed subscriber still reads; one that has gone away entirely would hold
+        // its slot until the next event. Writing now tells them apart: the write to a
+        // vanished peer fails (EPIPE) and the connection is closed at once.
+        this.confirmedEnd = true;
+        this.send({ jsonrpc: JSONRPC_VERSION, method: 'events.input-closed', params: {} });
+      }
     } else {
       this.socket.resume();
     }

@@ -7,10 +7,11 @@
  *   3. $XDG_RUNTIME_DIR/devfilter/control.sock when XDG_RUNTIME_DIR is set;
  *   4. /tmp/devfilter-<uid>/control.sock otherwise.
  */
-import { existsSync, lstatSync, mkdirSync, unlinkSync, chmodSync } from 'node:fs';
+import { existsSync, lstatSync, unlinkSync, chmodSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
+import { makeDirsSync } from '../core/make-dirs.js';
 
 export const CONTROL_ENV = 'DEVFILTER_CONTROL';
 
@@ -42,7 +43,7 @@ export function resolveControlPath(
  */
 export function prepareSocketDir(path: string, opts: { strict: boolean }): void {
   const dir = dirname(path);
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  makeDirsSync(dir, 0o700);
   if (!opts.strict) return;
   const st = lstatSync(dir);
   const uid = process.getuid?.();

@@ -467,6 +467,7 @@ describe('the schemas', () => {
       'snapshot.create': { name: 's', exports: ['ghost'] },
       'snapshot.delete': { export: 'ghost', name: 's' },
       'snapshot.status': { export: 'ghost' },
+      'snapshot.verify': { export: 'ghost' },
     };
     for (const m of METHOD_NAMES) {
       try {

@@ -401,6 +401,38 @@ describe('events.subscribe', () => {
     sub.close();
   });
 
+  it('subscribers that vanish free their slots; a half-closed one still gets events', async () => {
+    const small = await startControl({ maxConnections: 4 });
+    try {
+      // Found by the control fuzzer: each subscriber that disconnected held a slot until the
+      // next event, so a few of them locked everyone out with "busy".
+      for (let i = 0; i < 12; i++) {
+        const sub = await ControlClient.connect(small.path);
+        await sub.call('events.subscribe');
+        sub.close();
+        const deadline = Date.now() + 5000;
+        while (small.server.connectionCount > 0 && Date.now() < deadline)
+          await new Promise((r) => setTimeout(r, 5));
+        assert.equal(small.server.connectionCount, 0, `subscriber ${i} still holds a slot`);
+      }
+      const raw = await RawConn.connect(small.path);
+      await raw.request({ jsonrpc: '2.0', id: 1, method: 'events.subscribe' });
+      raw.socket.end(); // half-close: no more requests, events still wanted
+      const ack = (await raw.next(10_000)) as Record<string, unknown>;
+      assert.equal(ack.method, 'events.input-closed');
+      const c = await ControlClient.connect(small.path);
+      await c.call('filter.create', { export: 'disk', type: 'pass', name: 'after-end' });
+      const m = (await raw.next(10_000)) as Record<string, unknown>;
+      assert.equal(m.method, 'event');
+      assert.equal((m.params as { event: string }).event, 'filter.created');
+      await c.call('filter.remove', { export: 'disk', name: 'after-end' });
+      c.close();
+      raw.close();
+    } finally {
+      await small.close();
+    }
+  });
+
   it('a subscriber that does not read loses events (counted), and the server stays bounded', async () => {
     const small = await startControl({ maxEventBacklogBytes: 64 * 1024 });
     try {

@@ -83,7 +83,7 @@ export interface DaemonProcess {
 /** Runs `devfilter serve ARGS --socket <tmp>` and waits until the socket accepts connections. */
 export async function spawnDaemon(
   args: string[],
-  opts: { socket?: string; env?: NodeJS.ProcessEnv } = {},
+  opts: { socket?: string; env?: NodeJS.ProcessEnv; cwd?: string } = {},
 ): Promise<DaemonProcess> {
   const dir = opts.socket === undefined ? tempDir() : undefined;
   const socket = opts.socket ?? join(dir!.path, 'nbd.sock');
@@ -93,6 +93,7 @@ export async function spawnDaemon(
     {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, ...opts.env },
+      ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
     },
   );
   let err = '';

@@ -46,6 +46,7 @@ import {
   writeFileAtomic,
 } from './files.js';
 import { parseLog } from './log-parse.js';
+import { makeDirs } from '../../core/make-dirs.js';
 
 /** Records waiting for a commit; bounded by the copies in flight, which requests bound. */
 const MAX_PENDING_RECORDS = 1 << 20;
@@ -133,7 +134,7 @@ export class DiffStore {
 
   static async open(opts: StoreOptions): Promise<OpenedStore> {
     const dir = storeDir(opts.parent, opts.exportName);
-    await fs.promises.mkdir(dir, { recursive: true, mode: 0o700 });
+    await makeDirs(dir, 0o700);
     const unlock = await lockStore(dir);
     const fds: number[] = [];
     try {
