@@ -16,6 +16,8 @@ export { FileBackend } from './backends/file.js';
 export { ExportTable, type NbdExport, type ExportSource } from './nbd/exports.js';
 export { NbdServer, type NbdServerOptions } from './nbd/server.js';
 export { builtinFilterTypes } from './filters/index.js';
+export { CbtFilter, ChangeView } from './filters/cbt/index.js';
+export { cbtFilterType } from './filters/index.js';
 export * from './control/index.js';
 export * from './metrics/index.js';
 export { NbdClient, parseNbdUri } from './nbd/client.js';

@@ -58,6 +58,19 @@ export interface DeviceInfo {
   size: number;
   blockSize: BlockSizeLimits;
   caps: DeviceCapabilities;
+  /**
+   * Extra block-status contexts the device answers with `contextStatus()`, besides allocation
+   * (which `blockStatus()` answers): full names such as "qemu:dirty-bitmap:cbt". Listed to
+   * clients that ask. Absent or empty: none.
+   */
+  statusContexts?: readonly string[];
+  /**
+   * Numbered context families: a prefix such as "devfilter:cbt:cbt:since:" whose members are
+   * the prefix followed by a decimal number ("devfilter:cbt:cbt:since:12"). Members are
+   * answered by `contextStatus()` when a client asks for one by its full name; they are never
+   * listed (there are too many).
+   */
+  statusContextFamilies?: readonly string[];
 }
 
 /** Who issued a request; one object per connection, passed by reference (no allocation). */
@@ -93,6 +106,19 @@ export interface Device {
    * none reaching past the end of the device. They may cover less or more than `length`.
    */
   blockStatus(offset: number, length: number, flags: number, ctx?: IoContext): Promise<Extent[]>;
+  /**
+   * Status of the extra context `context` (one of `info().statusContexts`, or a member of one
+   * of `info().statusContextFamilies`) from `offset` on, with the same extent rules as
+   * `blockStatus()`; state bits are the context's own. Rejects with EINVAL for a context the
+   * device does not (or no longer) answer. Devices without extra contexts leave it out.
+   */
+  contextStatus?(
+    context: string,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<Extent[]>;
   close(): Promise<void>;
 }
 
@@ -104,6 +130,16 @@ export const DEFAULT_BLOCK_SIZE: Readonly<BlockSizeLimits> = {
   preferred: 4096,
   maximum: 32 * MIB,
 };
+
+/** Whether a device of these facts answers `context` through contextStatus(). */
+export function hasStatusContext(info: DeviceInfo, context: string): boolean {
+  if (info.statusContexts?.includes(context) === true) return true;
+  for (const prefix of info.statusContextFamilies ?? []) {
+    if (context.startsWith(prefix) && /^[0-9]{1,15}$/.test(context.slice(prefix.length)))
+      return true;
+  }
+  return false;
+}
 
 /** Checks that [offset, offset + length) lies inside a device of `size` bytes. */
 export function inRange(offset: number, length: number, size: number): boolean {

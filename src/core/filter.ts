@@ -10,6 +10,7 @@
  */
 import type { Logger } from 'pino';
 import type { Device, DeviceInfo, Extent, IoContext } from './device.js';
+import { DeviceError } from './errors.js';
 
 export const FILTER_API_VERSION = 1;
 
@@ -104,6 +105,19 @@ export interface Filter {
     flags: number,
     ctx?: IoContext,
   ): Promise<Extent[]>;
+  /**
+   * Status of an extra block-status context (see DeviceInfo.statusContexts). A filter that
+   * answers contexts of its own advertises them in `info()` and passes every other context
+   * on with `passContextStatus(next, ...)`. Unset: every context passes through.
+   */
+  contextStatus?(
+    next: Device,
+    context: string,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<Extent[]>;
   /** Structured, JSON-serialisable state for `filter status`. */
   status?(): unknown;
   /** A filter-specific command (`filter control`); throw FilterCommandError for bad input. */
@@ -123,6 +137,25 @@ export interface Filter {
    * removal policy asked for (or the type's default).
    */
   destroy?(policy: RemovalPolicy): Promise<void> | void;
+}
+
+/**
+ * Asks `device` for the status of an extra context; a device without extra contexts (a
+ * backend) refuses with EINVAL, as does every layer when no filter answers the context.
+ */
+export function passContextStatus(
+  device: Device,
+  context: string,
+  offset: number,
+  length: number,
+  flags: number,
+  ctx?: IoContext,
+): Promise<Extent[]> {
+  if (device.contextStatus === undefined)
+    return Promise.reject(
+      new DeviceError('EINVAL', `no block-status context ${JSON.stringify(context)} here`),
+    );
+  return device.contextStatus(context, offset, length, flags, ctx);
 }
 
 /** A filter command that was refused: unknown command, bad arguments, wrong state. */

@@ -7,7 +7,7 @@
  */
 import type { Device, DeviceInfo, Extent, IoContext } from './device.js';
 import { DeviceError, assert } from './errors.js';
-import type { Filter, FilterType } from './filter.js';
+import { passContextStatus, type Filter, type FilterType } from './filter.js';
 
 export interface StackEntry {
   readonly name: string;
@@ -38,6 +38,7 @@ class FilterLayer implements Device {
   readonly writeZeroes: Device['writeZeroes'];
   readonly cache: Device['cache'];
   readonly blockStatus: Device['blockStatus'];
+  readonly contextStatus: NonNullable<Device['contextStatus']>;
   private readonly facts: DeviceInfo;
 
   constructor(f: Filter, next: Device) {
@@ -61,6 +62,9 @@ class FilterLayer implements Device {
     this.blockStatus = f.blockStatus
       ? (o, l, fl, c) => f.blockStatus!(next, o, l, fl, c)
       : (o, l, fl, c) => next.blockStatus(o, l, fl, c);
+    this.contextStatus = f.contextStatus
+      ? (n, o, l, fl, c) => f.contextStatus!(next, n, o, l, fl, c)
+      : (n, o, l, fl, c) => passContextStatus(next, n, o, l, fl, c);
     this.facts = f.info ? f.info(next.info()) : next.info();
   }
 
@@ -186,6 +190,19 @@ export class LiveStack implements Device {
     return this.track(() => this.top.blockStatus(offset, length, flags, ctx));
   }
 
+  contextStatus(
+    context: string,
+    offset: number,
+    length: number,
+    flags: number,
+    ctx?: IoContext,
+  ): Promise<Extent[]> {
+    if (this.gate !== null)
+      return this.hold(() => this.contextStatus(context, offset, length, flags, ctx));
+    this.inFlight++;
+    return this.track(() => passContextStatus(this.top, context, offset, length, flags, ctx));
+  }
+
   /**
    * A device that reaches whatever is below the filter `owner()` names, for I/O a filter issues
    * outside a client request (a snapshot image reading the origin). Its requests are held and
@@ -206,6 +223,7 @@ export class LiveStack implements Device {
       writeZeroes: (o, l, fl, c) => via((d) => d.writeZeroes(o, l, fl, c)),
       cache: (o, l, fl, c) => via((d) => d.cache(o, l, fl, c)),
       blockStatus: (o, l, fl, c) => via((d) => d.blockStatus(o, l, fl, c)),
+      contextStatus: (n, o, l, fl, c) => via((d) => passContextStatus(d, n, o, l, fl, c)),
       close: () => Promise.resolve(), // the stack owns what is below
     };
   }

@@ -1,10 +1,12 @@
 /** The filter types built into devfilter; each lives in its own folder. */
 import type { FilterType } from '../core/filter.js';
+import { cbtFilterType } from './cbt/index.js';
 import { faultFilterType } from './fault/index.js';
 import { snapshotFilterType } from './snapshot/index.js';
 import { statsFilterType } from './stats/index.js';
 import { throttleFilterType } from './throttle/index.js';
 
+export { cbtFilterType } from './cbt/index.js';
 export { faultFilterType } from './fault/index.js';
 export { statsFilterType } from './stats/index.js';
 export { throttleFilterType } from './throttle/index.js';
@@ -14,4 +16,5 @@ export const builtinFilterTypes: FilterType[] = [
   faultFilterType,
   throttleFilterType,
   snapshotFilterType,
+  cbtFilterType,
 ];

@@ -6,7 +6,7 @@
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import type { DeviceInfo } from '../core/device.js';
+import { hasStatusContext, type DeviceInfo } from '../core/device.js';
 import { ByteQueue } from './byte-queue.js';
 import type { ExportSource, NbdExport } from './exports.js';
 import {
@@ -49,8 +49,8 @@ export interface Negotiated {
   readonly leftover: Buffer[];
 }
 
-/** Context ids are opaque to clients; keep them stable per name and nonzero. */
-const CONTEXT_IDS: ReadonlyMap<string, number> = new Map([[BASE_ALLOCATION, 1]]);
+/** Context ids remembered per negotiation before the table starts over (see metaContext). */
+const MAX_REMEMBERED_CONTEXT_IDS = 1024;
 
 const KNOWN_CLIENT_FLAGS = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
 
@@ -83,8 +83,15 @@ export function transmissionFlags(
   return flags;
 }
 
-function availableContexts(_exp: NbdExport): string[] {
-  return [BASE_ALLOCATION];
+/**
+ * The contexts an export offers, sampled from its device now (filters that answer contexts of
+ * their own may come and go later; a context bound at SET time whose filter has left gets
+ * EINVAL from BLOCK_STATUS). base:allocation first, then the device's own, listed.
+ */
+function availableContexts(info: DeviceInfo): string[] {
+  const out = [BASE_ALLOCATION];
+  for (const c of info.statusContexts ?? []) if (!out.includes(c)) out.push(c);
+  return out;
 }
 
 export class Negotiator {
@@ -93,6 +100,8 @@ export class Negotiator {
   private noZeroes = false;
   /** Contexts chosen by the last SET_META_CONTEXT, and the export they were chosen for. */
   private selected: { exportName: string; contexts: Map<number, string> } | undefined;
+  /** Context ids of this negotiation: nonzero, one per name, stable across repeated SETs. */
+  private readonly contextIds = new Map<string, number>();
 
   constructor(
     private readonly socket: Socket,
@@ -302,7 +311,8 @@ export class Negotiator {
       );
       return;
     }
-    const available = availableContexts(exp);
+    const info = exp.device.info();
+    const available = availableContexts(info);
     const matches = new Set<string>();
     if (parsed.queries.length === 0) {
       if (!isSet) for (const c of available) matches.add(c);
@@ -313,10 +323,16 @@ export class Negotiator {
         // Wildcards ("base:", "qemu:dirty-bitmap:") list; they never select.
         else if (!isSet && query.endsWith(':') && c.startsWith(query)) matches.add(c);
       }
+      // A member of a numbered family ("devfilter:cbt:NAME:since:12"): asked for by name only.
+      if (query !== BASE_ALLOCATION && !matches.has(query) && hasStatusContext(info, query))
+        matches.add(query);
     }
+    // Ids stay stable across SETs, but the table must not grow without bound: numbered
+    // families make the names unlimited. Only the last SET counts, so starting over is safe.
+    if (isSet && this.contextIds.size > MAX_REMEMBERED_CONTEXT_IDS) this.contextIds.clear();
     const chosen = new Map<number, string>();
     for (const c of matches) {
-      const id = isSet ? (CONTEXT_IDS.get(c) ?? 0) : 0;
+      const id = isSet ? this.contextId(c) : 0;
       const name = Buffer.from(c, 'utf8');
       const payload = Buffer.allocUnsafe(4 + name.length);
       payload.writeUInt32BE(id, 0);
@@ -326,6 +342,15 @@ export class Negotiator {
     }
     if (isSet) this.selected = { exportName: parsed.exportName, contexts: chosen };
     this.reply(option, Rep.ACK);
+  }
+
+  private contextId(name: string): number {
+    let id = this.contextIds.get(name);
+    if (id === undefined) {
+      id = this.contextIds.size + 1;
+      this.contextIds.set(name, id);
+    }
+    return id;
   }
 
   private open(exp: NbdExport, requestedName: string): Negotiated {

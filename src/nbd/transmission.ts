@@ -96,6 +96,8 @@ export class TransmissionSession {
   private readonly maxPayload: number;
   private readonly flags: number;
   private readonly baseAllocationId: number | undefined;
+  /** Selected contexts other than base:allocation, answered by device.contextStatus(). */
+  private readonly extraContexts: ReadonlyArray<{ readonly id: number; readonly name: string }>;
 
   private readonly input = new ByteFifo();
   private state: ParseState = 'header';
@@ -130,9 +132,12 @@ export class TransmissionSession {
     this.minBlock = session.info.blockSize.minimum;
     this.maxPayload = session.info.blockSize.maximum;
     this.flags = session.transmissionFlags;
+    const extra: Array<{ id: number; name: string }> = [];
     for (const [id, name] of session.metaContexts) {
       if (name === BASE_ALLOCATION) this.baseAllocationId = id;
+      else extra.push({ id, name });
     }
+    this.extraContexts = extra;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
   }
 
@@ -408,7 +413,7 @@ export class TransmissionSession {
       }
     }
     if (type === Cmd.BLOCK_STATUS) {
-      if (this.baseAllocationId === undefined) {
+      if (this.baseAllocationId === undefined && this.extraContexts.length === 0) {
         throw new RequestRejected(
           NbdErr.EINVAL,
           'BLOCK_STATUS needs a negotiated metadata context',
@@ -458,21 +463,56 @@ export class TransmissionSession {
   }
 
   private async blockStatus(req: Request, flags: number): Promise<void> {
+    if (this.extraContexts.length > 0) return this.multiBlockStatus(req, flags);
     const extents = await this.device.blockStatus(req.offset, req.length, flags, this.ctx);
     const reqOne = (req.flags & CmdFlag.REQ_ONE) !== 0;
     const descriptors = toDescriptors(extents, req.length, reqOne, this.size - req.offset);
     const payload = 4 + 4 * descriptors.length; // descriptors holds (length, state) pairs
     const reply = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + payload);
     writeStructuredHeader(reply, req, CHUNK_FLAG_DONE, Chunk.BLOCK_STATUS, payload);
-    let pos = STRUCTURED_REPLY_HEADER_SIZE;
-    reply.writeUInt32BE(this.baseAllocationId!, pos);
-    pos += 4;
-    for (let i = 0; i < descriptors.length; i += 2) {
-      reply.writeUInt32BE(descriptors[i]!, pos);
-      reply.writeUInt32BE(descriptors[i + 1]!, pos + 4);
-      pos += 8;
-    }
+    writeDescriptors(reply, STRUCTURED_REPLY_HEADER_SIZE, this.baseAllocationId!, descriptors);
     this.send(reply);
+  }
+
+  /**
+   * BLOCK_STATUS with contexts besides base:allocation: one chunk per selected context, the
+   * last one flagged DONE, all sent together once every context has answered (so that a
+   * failure of any is one error reply, not half an answer). A context that no layer answers
+   * any more (its filter was removed after SET) fails the request with EINVAL.
+   */
+  private async multiBlockStatus(req: Request, flags: number): Promise<void> {
+    const { offset, length } = req;
+    const ctx = this.ctx;
+    const ids: number[] = [];
+    const pending: Array<Promise<Extent[]>> = [];
+    const masks: number[] = [];
+    if (this.baseAllocationId !== undefined) {
+      ids.push(this.baseAllocationId);
+      pending.push(this.device.blockStatus(offset, length, flags, ctx));
+      masks.push(ExtentState.HOLE | ExtentState.ZERO);
+    }
+    for (const { id, name } of this.extraContexts) {
+      ids.push(id);
+      pending.push(
+        this.device.contextStatus !== undefined
+          ? this.device.contextStatus(name, offset, length, flags, ctx)
+          : Promise.reject(new RequestRejected(NbdErr.EINVAL, `context ${name} is not served`)),
+      );
+      masks.push(0xffff_ffff);
+    }
+    const results = await Promise.all(pending);
+    const reqOne = (req.flags & CmdFlag.REQ_ONE) !== 0;
+    const chunks: Buffer[] = [];
+    for (let i = 0; i < results.length; i++) {
+      const descriptors = toDescriptors(results[i]!, length, reqOne, this.size - offset, masks[i]!);
+      const payload = 4 + 4 * descriptors.length;
+      const chunk = Buffer.allocUnsafe(STRUCTURED_REPLY_HEADER_SIZE + payload);
+      const last = i === results.length - 1;
+      writeStructuredHeader(chunk, req, last ? CHUNK_FLAG_DONE : 0, Chunk.BLOCK_STATUS, payload);
+      writeDescriptors(chunk, STRUCTURED_REPLY_HEADER_SIZE, ids[i]!, descriptors);
+      chunks.push(chunk);
+    }
+    this.send(chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks));
   }
 
   private replyOk(req: Request): void {
@@ -574,6 +614,18 @@ function toRequestFlags(wire: number): number {
   return flags;
 }
 
+/** A BLOCK_STATUS chunk payload: the context id, then (length, state) descriptor pairs. */
+function writeDescriptors(buf: Buffer, at: number, contextId: number, descriptors: number[]): void {
+  let pos = at;
+  buf.writeUInt32BE(contextId, pos);
+  pos += 4;
+  for (let i = 0; i < descriptors.length; i += 2) {
+    buf.writeUInt32BE(descriptors[i]!, pos);
+    buf.writeUInt32BE(descriptors[i + 1]!, pos + 4);
+    pos += 8;
+  }
+}
+
 function writeSimpleHeader(buf: Buffer, req: Request, error: number): void {
   buf.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
   buf.writeUInt32BE(error, 4);
@@ -597,16 +649,18 @@ function writeStructuredHeader(
 }
 
 /**
- * Turns device extents into base:allocation descriptors as flat [length, state, ...] pairs:
- * neighbours with equal state merged, at least one descriptor, covering the request when the
- * device said enough (the last may run past the request, never past the export), and exactly
- * one no longer than the request with REQ_ONE.
+ * Turns device extents into block-status descriptors as flat [length, state, ...] pairs:
+ * state bits outside `mask` dropped (base:allocation knows HOLE and ZERO only), neighbours
+ * with equal state merged, at least one descriptor, covering the request when the device said
+ * enough (the last may run past the request, never past the export), and exactly one no
+ * longer than the request with REQ_ONE.
  */
 export function toDescriptors(
   extents: readonly Extent[],
   length: number,
   reqOne: boolean,
   untilEnd: number,
+  mask: number = ExtentState.HOLE | ExtentState.ZERO,
 ): number[] {
   const out: number[] = [];
   let covered = 0;
@@ -614,15 +668,19 @@ export function toDescriptors(
     if (!(Number.isSafeInteger(e.length) && e.length > 0)) {
       throw new Error(`device returned an extent of length ${e.length}`);
     }
-    const state = e.state & (ExtentState.HOLE | ExtentState.ZERO);
-    let len = Math.min(e.length, untilEnd - covered);
+    const state = (e.state & mask) >>> 0;
+    const len = Math.min(e.length, untilEnd - covered);
     if (len <= 0) break;
     const n = out.length;
     if (n > 0 && out[n - 1] === state && out[n - 2]! + len <= MAX_DESCRIPTOR_LENGTH) {
       out[n - 2]! += len;
     } else {
       if (n / 2 >= MAX_DESCRIPTORS) break;
-      len = Math.min(len, MAX_DESCRIPTOR_LENGTH);
+      if (len > MAX_DESCRIPTOR_LENGTH) {
+        // Cut short: what follows this extent could no longer be placed; stop here.
+        out.push(MAX_DESCRIPTOR_LENGTH, state);
+        break;
+      }
       out.push(len, state);
     }
     covered += len;
