@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { crc32, crc32Portable } from '../../src/filters/snapshot/crc.js';
+import { crc32, crc32Portable } from '../../src/core/crc32.js';
 import {
   FormatError,
   LOG_HEADER_SIZE,

@@ -5,7 +5,7 @@
  * header and record carries a CRC-32 so that a torn or foreign file is recognised, never
  * trusted.
  */
-import { crc32 } from '../snapshot/crc.js';
+import { crc32 } from '../../core/crc32.js';
 
 export const MAP_MAGIC = Buffer.from('DFCBTMAP', 'latin1');
 export const JOURNAL_MAGIC = Buffer.from('DFCBTJNL', 'latin1');

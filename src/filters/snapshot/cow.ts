@@ -18,7 +18,7 @@
 import type { Device } from '../../core/device.js';
 import { assert } from '../../core/errors.js';
 import type { CopyMap, SlotPool } from './copy-map.js';
-import { crc32 } from './crc.js';
+import { crc32 } from '../../core/crc32.js';
 import { FailCode, NO_SLOT, RecordType, type LogRecord } from './format.js';
 import { parseLog } from './log-parse.js';
 import type { Snap, SnapshotSet } from './registry.js';

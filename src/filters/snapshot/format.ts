@@ -9,7 +9,7 @@
  */
 import { createHash } from 'node:crypto';
 import { assert } from '../../core/errors.js';
-import { crc32 } from './crc.js';
+import { crc32 } from '../../core/crc32.js';
 
 export const FORMAT_VERSION = 1;
 

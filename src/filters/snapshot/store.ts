@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { preadFull, pwriteFull } from '../../backends/fdio.js';
 import { assert } from '../../core/errors.js';
-import { crc32 } from './crc.js';
+import { crc32 } from '../../core/crc32.js';
 import {
   DATA_FILE,
   FORMAT_VERSION,

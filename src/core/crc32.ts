@@ -1,6 +1,6 @@
 /**
- * CRC-32 (IEEE 802.3, the polynomial zlib and gzip use) for log records and chunk copies.
- * Node 20.15+ has it natively in zlib; older Node 20 releases get the table-driven fallback,
+ * CRC-32 (IEEE 802.3, the polynomial zlib and gzip use) for the on-disk formats: snapshot log
+ * records and chunk copies, the change map, backup manifests. Node 20.15+ has it natively in zlib; older Node 20 releases get the table-driven fallback,
  * which computes the same values (tested against each other), so stores move freely between
  * them.
  */
