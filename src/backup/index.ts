@@ -36,3 +36,12 @@ export {
   type VerifyProblem,
   type VerifyReport,
 } from './verify.js';
+export {
+  DEFAULT_RESTORE_CHUNK_BYTES,
+  restoreChain,
+  RestoreError,
+  type RestoreOptions,
+  type RestoreProgress,
+  type RestoreResult,
+  type RestoreTargetKind,
+} from './restore.js';

@@ -4,6 +4,7 @@
  * SIGTERM/SIGINT drains every connection, flushes and closes every device before exiting.
  */
 import net from 'node:net';
+import { resolve } from 'node:path';
 import type { Logger } from 'pino';
 import { DeviceManager, ManagerError } from '../core/manager.js';
 import { FilterTypeRegistry } from '../core/filter-types.js';
@@ -12,6 +13,7 @@ import { ExportTable } from '../nbd/exports.js';
 import { exportSource } from './export-source.js';
 import { NbdServer } from '../nbd/server.js';
 import { ControlServer } from '../control/server.js';
+import type { NbdListener } from '../control/methods.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/server.js';
 import { clearStaleSocket, prepareSocketDir, removeSocketFile } from '../control/socket-path.js';
 import { checkFilterSpecs, ConfigError } from './config.js';
@@ -168,7 +170,14 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
       });
     }
     // Control first: once clients can connect over NBD, commands work too.
-    if (opts.control !== undefined) control = await startControl(opts, manager, server, types, log);
+    const listeners = (): NbdListener[] => [
+      ...(ownSocket !== undefined
+        ? [{ transport: 'unix' as const, path: resolve(ownSocket) }]
+        : []),
+      ...tcp.map((t) => ({ transport: 'tcp' as const, host: t.host, port: t.port })),
+    ];
+    if (opts.control !== undefined)
+      control = await startControl(opts, manager, server, types, log, listeners);
     for (const fd of activationFds()) {
       await server.listen({ fd });
       log.info({ fd }, 'listening on an inherited socket (socket activation)');
@@ -210,6 +219,7 @@ async function startControl(
   server: NbdServer,
   types: FilterTypeRegistry,
   log: Logger,
+  listeners: () => NbdListener[],
 ): Promise<{ path: string; server: ControlServer } | undefined> {
   const path = opts.control!;
   const isDefault = opts.controlIsDefault === true;
@@ -219,6 +229,7 @@ async function startControl(
       version: VERSION,
       startedAt: Date.now(),
       nbdConnections: () => server.connectionCount,
+      nbdListeners: listeners,
       loadModule: async (spec, cwd) => {
         const loaded = await types.load(spec, cwd);
         log.info({ module: spec, types: loaded.map((t) => t.name) }, 'filter module loaded');

@@ -23,6 +23,7 @@ import {
 } from './export-spec.js';
 import { addClientCommands } from './filter-commands.js';
 import { addSnapshotCommands } from './snapshot-commands.js';
+import { addBackupCommands } from './backup-commands.js';
 import { parseListenAddress } from './listen-address.js';
 import type { Level } from 'pino';
 import { EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, ExitError, UsageError } from './output.js';
@@ -200,6 +201,7 @@ Examples:
 
   addClientCommands(cmd);
   addSnapshotCommands(cmd);
+  addBackupCommands(cmd);
 
   cmd
     .command('demo')

@@ -15,6 +15,9 @@ import {
 import type { MethodName } from './schema.js';
 
 /** What the methods need from the daemon besides the manager. */
+export type NbdListener =
+  { transport: 'unix'; path: string } | { transport: 'tcp'; host: string; port: number };
+
 export interface ControlContext {
   readonly manager: DeviceManager;
   readonly version: string;
@@ -22,6 +25,8 @@ export interface ControlContext {
   readonly startedAt: number;
   /** Open NBD connections. */
   nbdConnections(): number;
+  /** Where clients reach the NBD server (unix socket paths, TCP addresses); for tools. */
+  nbdListeners?(): NbdListener[];
   /** Loads filter types from an ES module path or package name; returns the type names. */
   loadModule(spec: string, cwd?: string): Promise<string[]>;
 }
@@ -142,6 +147,7 @@ export const methods: Record<MethodName, Method> = {
       exports: exports.length,
       filters: exports.reduce((n, e) => n + e.stack.filters().length, 0),
       connections: ctx.nbdConnections(),
+      listeners: ctx.nbdListeners?.() ?? [],
       controlConnections: session.controlConnections,
       controlSocket: session.controlPath ?? null,
       filterTypes: ctx.manager.types
