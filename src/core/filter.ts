@@ -47,6 +47,25 @@ export interface FilterEnv {
    */
   publishExport?(name: string, device: Device, opts?: PublishOptions): void;
   unpublishExport?(name: string): void;
+  /**
+   * Asks every other filter of the export for its `instantView()`, in stack order: a point in
+   * time frozen for a filter that makes one (a snapshot, while it holds writes still), so
+   * that its image can also answer the others' block-status contexts as of that instant.
+   */
+  captureInstant?(): InstantView[];
+}
+
+/**
+ * A filter's block-status contexts frozen at an instant (a change map as it was when a
+ * snapshot was taken). Immutable: later requests to the export do not change it.
+ */
+export interface InstantView {
+  /** Full context names this view answers. */
+  readonly statusContexts: readonly string[];
+  /** Status of one of `statusContexts`, with the extent rules of Device.blockStatus. */
+  contextStatus(context: string, offset: number, length: number, flags: number): Extent[];
+  /** Facts about the view, for status (e.g. the change history id and generation). */
+  readonly facts?: Record<string, unknown>;
 }
 
 export interface PublishOptions {
@@ -118,6 +137,11 @@ export interface Filter {
     flags: number,
     ctx?: IoContext,
   ): Promise<Extent[]>;
+  /**
+   * Its block-status contexts frozen as of now, for another filter that is freezing an
+   * instant (see FilterEnv.captureInstant); called while that filter holds writes still.
+   */
+  instantView?(): InstantView | undefined;
   /** Structured, JSON-serialisable state for `filter status`. */
   status?(): unknown;
   /** A filter-specific command (`filter control`); throw FilterCommandError for bad input. */

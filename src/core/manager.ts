@@ -7,7 +7,13 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import type { Device, DeviceInfo } from './device.js';
-import { FilterCommandError, type Filter, type FilterEnv, type PublishOptions } from './filter.js';
+import {
+  FilterCommandError,
+  type Filter,
+  type FilterEnv,
+  type InstantView,
+  type PublishOptions,
+} from './filter.js';
 import { FilterArgsError, FilterTypeRegistry } from './filter-types.js';
 import { LiveStack, StackChangeError, insertAt, type Position, type StackEntry } from './stack.js';
 
@@ -380,6 +386,15 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
       publishExport: (name, device, opts) =>
         this.publishExport(exp, filterName, owner, name, device, opts ?? {}),
       unpublishExport: (name) => this.unpublishExport(owner, name),
+      captureInstant: () => {
+        const views: InstantView[] = [];
+        for (const e of exp.stack.filters()) {
+          if (e.filter === owner.filter || e.filter.instantView === undefined) continue;
+          const v = e.filter.instantView();
+          if (v !== undefined) views.push(v);
+        }
+        return views;
+      },
     };
   }
 

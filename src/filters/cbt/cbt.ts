@@ -20,6 +20,7 @@ import {
   passContextStatus,
   type Filter,
   type FilterEnv,
+  type InstantView,
 } from '../../core/filter.js';
 import { parseSize } from '../../core/size.js';
 import { commandValidator, unknownCommand } from '../args.js';
@@ -400,6 +401,25 @@ export class CbtFilter implements Filter {
     const before = this.map.dirtyNow;
     await this.note(first, end);
     return { generation: this.map.generation, newlyMarkedBlocks: this.map.dirtyNow - before };
+  }
+
+  /**
+   * For a snapshot taken now: what `qemu:dirty-bitmap:NAME` and `devfilter:cbt:NAME` report
+   * at this instant (changed since the `bitmap since` setting, or in the current generation),
+   * frozen, 1 bit per block. Its image answers both contexts with it.
+   */
+  instantView(): InstantView {
+    const view = this.map.view(this.bitmapSince ?? this.map.generation);
+    const own = this.bitmapSince === null ? view : this.map.view(this.map.generation);
+    return {
+      statusContexts: [this.qemuContext, this.ownContext],
+      contextStatus: (context, offset, length, flags) => {
+        const v = context === this.qemuContext ? view : own;
+        const extents = v.status(offset, length);
+        return (flags & RequestFlags.REQ_ONE) !== 0 ? extents.slice(0, 1) : extents;
+      },
+      facts: { id: view.meta.id, since: view.meta.since, generation: view.meta.generation },
+    };
   }
 
   /**

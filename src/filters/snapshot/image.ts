@@ -18,6 +18,7 @@ import {
   type Extent,
 } from '../../core/device.js';
 import { DeviceError, assert } from '../../core/errors.js';
+import type { InstantView } from '../../core/filter.js';
 import { NO_SLOT } from './format.js';
 import type { Snap } from './registry.js';
 
@@ -53,13 +54,21 @@ interface Piece {
 export class SnapshotImage implements Device {
   private readonly facts: DeviceInfo;
 
+  /**
+   * `views`: the other filters' block-status contexts frozen at the snapshot's instant (a
+   * change map as it was then), answered by contextStatus(). Held in memory only: an image
+   * reopened after a restart has none.
+   */
   constructor(
     private readonly src: ImageSource,
     readonly snap: Snap,
+    private readonly views: readonly InstantView[] = [],
   ) {
     const below = src.origin.info();
+    const contexts = views.flatMap((v) => v.statusContexts);
     this.facts = Object.freeze({
       size: src.originSize,
+      ...(contexts.length > 0 ? { statusContexts: Object.freeze(contexts) } : {}),
       blockSize: below.blockSize,
       caps: Object.freeze({
         readOnly: true,
@@ -88,6 +97,19 @@ export class SnapshotImage implements Device {
     for (const p of pieces) if (p.slot === -1) this.replan(p, again, buf, offset);
     if (again.length > 0) await this.fetch(again, buf, offset);
     this.check(offset, buf.length); // failed or deleted meanwhile: what we read proves nothing
+  }
+
+  /** A frozen context (see the constructor); EINVAL for any other. */
+  contextStatus(context: string, offset: number, length: number, flags: number): Promise<Extent[]> {
+    try {
+      this.check(offset, length);
+      const view = this.views.find((v) => v.statusContexts.includes(context));
+      if (view === undefined)
+        throw new DeviceError('EINVAL', `no block-status context ${JSON.stringify(context)} here`);
+      return Promise.resolve(view.contextStatus(context, offset, length, flags));
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   async blockStatus(offset: number, length: number, flags: number): Promise<Extent[]> {

@@ -488,7 +488,9 @@ export class SnapshotFilter implements Filter {
     }
     snap.state = 'active';
     this.snaps.recompute();
-    this.images.set(name, new SnapshotImage(this.source, snap));
+    // Writes are still held: the other filters' change maps are exact for this instant.
+    const views = this.env.captureInstant?.() ?? [];
+    this.images.set(name, new SnapshotImage(this.source, snap, views));
     this.publishImage(snap);
     const info = this.describe(snap);
     this.env.emit('snapshot.taken', { name, generation, id: snap.id, image: info.image });
