@@ -155,3 +155,11 @@ export function procCpuSeconds(pid: number): number | undefined {
     return undefined;
   }
 }
+
+/**
+ * Saved results name files by their place in the repository, not on this machine: the
+ * repository root becomes ".", the Node binary "node".
+ */
+export function portablePaths(text: string, repoRoot: string): string {
+  return text.split(repoRoot).join('.').split(process.execPath).join('node');
+}

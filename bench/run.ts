@@ -17,6 +17,7 @@ import { formatSummary, loadProfile, summarise } from './profile-summary.js';
 import {
   installCleanup,
   procCpuSeconds,
+  portablePaths,
   procStatusKiB,
   removeAtExit,
   resetPeakRss,
@@ -552,8 +553,10 @@ async function main(): Promise<void> {
     const dir = join(REPO_ROOT, 'bench', 'results');
     mkdirSync(dir, { recursive: true });
     const base = `${stamp(startedAt)}-${o.mode}${o.profile ? '-profile' : ''}`;
-    writeFileSync(join(dir, `${base}.json`), `${JSON.stringify(result, null, 2)}\n`);
-    writeFileSync(join(dir, `${base}.md`), renderMarkdownReport(result));
+    const json = portablePaths(`${JSON.stringify(result, null, 2)}\n`, REPO_ROOT);
+    const md = portablePaths(renderMarkdownReport(result), REPO_ROOT);
+    writeFileSync(join(dir, `${base}.json`), json);
+    writeFileSync(join(dir, `${base}.md`), md);
     const saved = [`bench/results/${base}.{json,md}`];
     if (o.mode === 'custom' && !o.profile) {
       writeFileSync(join(dir, `${base}.svg`), renderChart(result));
@@ -562,8 +565,8 @@ async function main(): Promise<void> {
     // latest.* is the last standard run (full or quick); a custom or profiled run keeps its
     // own files only, so that a quick look at one row does not replace the whole picture.
     if (!o.profile && o.mode !== 'custom') {
-      writeFileSync(join(dir, 'latest.json'), `${JSON.stringify(result, null, 2)}\n`);
-      writeFileSync(join(dir, 'latest.md'), renderMarkdownReport(result));
+      writeFileSync(join(dir, 'latest.json'), json);
+      writeFileSync(join(dir, 'latest.md'), md);
       writeFileSync(join(dir, 'latest.svg'), renderChart(result));
       saved.push('bench/results/latest.{json,md,svg}');
     }

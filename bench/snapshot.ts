@@ -33,7 +33,16 @@ import { parseArgs } from 'node:util';
 import { createFile, loud } from './file.js';
 import { runFioJob, type Metrics } from './fio.js';
 import { describeMachine, loadAverage } from './machine.js';
-import { canConnect, installCleanup, removeAtExit, run, sleep, track, which } from './proc.js';
+import {
+  canConnect,
+  installCleanup,
+  portablePaths,
+  removeAtExit,
+  run,
+  sleep,
+  track,
+  which,
+} from './proc.js';
 import { fmtIops } from './report.js';
 import { median, medianMetrics } from './results.js';
 import { REPO_ROOT, paths } from './servers.js';
@@ -463,8 +472,11 @@ async function main(): Promise<void> {
       rows,
       failures,
     };
-    writeFileSync(join(dir, `${base}.json`), `${JSON.stringify(result, null, 2)}\n`);
-    writeFileSync(join(dir, `${base}.md`), `${report}\n`);
+    writeFileSync(
+      join(dir, `${base}.json`),
+      portablePaths(`${JSON.stringify(result, null, 2)}\n`, REPO_ROOT),
+    );
+    writeFileSync(join(dir, `${base}.md`), portablePaths(`${report}\n`, REPO_ROOT));
     process.stdout.write(`\nsaved bench/results/${base}.{json,md}\n`);
   }
   if (failures.length) process.exitCode = 1;
