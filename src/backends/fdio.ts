@@ -46,6 +46,43 @@ export async function pwriteFull(fd: number, data: Buffer, position: number): Pr
   }
 }
 
+function writevOnce(fd: number, bufs: Buffer[], position: number) {
+  return new Promise<number>((resolve, reject) => {
+    fs.writev(fd, bufs, position, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+/** Most buffers one writev(2) takes (IOV_MAX on Linux). */
+export const MAX_IOVECS = 1024;
+
+/** Writes `bufs` back to back from `position` with as few writev(2) calls as it takes. */
+export async function pwritevFull(
+  fd: number,
+  bufs: readonly Buffer[],
+  position: number,
+): Promise<void> {
+  let i = 0;
+  let skip = 0; // bytes of bufs[i] already written
+  let at = position;
+  while (i < bufs.length) {
+    const batch: Buffer[] = [];
+    for (let k = i; k < bufs.length && batch.length < MAX_IOVECS; k++)
+      batch.push(k === i ? bufs[k]!.subarray(skip) : bufs[k]!);
+    const total = batch.reduce((n, b) => n + b.length, 0);
+    const n = total === 0 ? 0 : await writevOnce(fd, batch, at);
+    if (n === 0 && total > 0) throw new DeviceError('EIO', `writev at ${at} made no progress`);
+    at += n;
+    // Advance over what was written, whole buffers first.
+    let left = n + skip;
+    while (i < bufs.length && left >= bufs[i]!.length) {
+      left -= bufs[i]!.length;
+      i++;
+    }
+    skip = left;
+    if (total === 0) break;
+  }
+}
+
 export function fdatasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => {
     fs.fdatasync(fd, (err) => (err ? reject(err) : resolve()));

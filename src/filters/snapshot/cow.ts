@@ -22,7 +22,7 @@ import { crc32 } from '../../core/crc32.js';
 import { FailCode, NO_SLOT, RecordType, type LogRecord } from './format.js';
 import { parseLog } from './log-parse.js';
 import type { Snap, SnapshotSet } from './registry.js';
-import type { DiffStore } from './store.js';
+import type { DiffStore, SlotData } from './store.js';
 
 /** Chunks of one request copied at the same time: bounds buffers per request. */
 const WINDOW = 8;
@@ -310,7 +310,6 @@ export class CopyEngine {
     }
     try {
       await this.store.reserve(slot);
-      await this.store.writeSlot(slot, old);
     } catch (err) {
       this.slots.release(slot);
       const code = (err as NodeJS.ErrnoException).code;
@@ -340,7 +339,8 @@ export class CopyEngine {
       genHigh: high,
       dataCrc: crc32(old),
     };
-    if (!(await this.commitOrBreak([record], c, high))) return;
+    // The data goes into its slot with the group commit that logs the record.
+    if (!(await this.commitOrBreak([record], c, high, [{ slot, data: old }]))) return;
     this.map.add(c, slot, low, high);
     this.copied++;
     this.bytesCopied += length;
@@ -352,9 +352,14 @@ export class CopyEngine {
    * Commits records; if the log cannot take them, every snapshot fails through the meta and
    * the chunk counts as done (false). Throws only if even that cannot be recorded.
    */
-  private async commitOrBreak(records: LogRecord[], c: number, high: number): Promise<boolean> {
+  private async commitOrBreak(
+    records: LogRecord[],
+    c: number,
+    high: number,
+    slots: readonly SlotData[] = [],
+  ): Promise<boolean> {
     try {
-      await this.store.commit(records);
+      await this.store.commit(records, slots);
       return true;
     } catch (err) {
       await this.failAllThroughMeta(err as Error);
