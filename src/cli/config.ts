@@ -50,6 +50,8 @@ const TOP_KEYS = new Set([
 const EXPORT_KEYS = new Set([
   'file',
   'memory',
+  'nbd',
+  'connections',
   'readOnly',
   'direct',
   'create',
@@ -130,7 +132,7 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     } catch (err) {
       fail(at(), (err as Error).message);
     }
-    if (!isObject(def)) fail(at(), 'expected a mapping with file: PATH or memory: SIZE');
+    if (!isObject(def)) fail(at(), 'expected a mapping with file: PATH, memory: SIZE or nbd: URI');
     const d = def as Record<string, unknown>;
     for (const key of Object.keys(d))
       if (!EXPORT_KEYS.has(key))
@@ -156,9 +158,27 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     const spec: ExportSpec = { name, backend: { type: 'memory', size: 0 } };
     if (d.readOnly === true) spec.readOnly = true;
     if (typeof d.description === 'string') spec.description = d.description;
-    if ((d.file === undefined) === (d.memory === undefined))
-      fail(at(), 'needs exactly one of file: PATH or memory: SIZE');
-    if (d.file !== undefined) {
+    if ([d.file, d.memory, d.nbd].filter((x) => x !== undefined).length !== 1)
+      fail(at(), 'needs exactly one of file: PATH, memory: SIZE or nbd: URI');
+    if (d.connections !== undefined && d.nbd === undefined)
+      fail(at('connections'), 'connections applies to nbd exports');
+    if (d.nbd !== undefined) {
+      if (typeof d.nbd !== 'string' || !/^nbds?(\+unix)?:\/\//.test(d.nbd))
+        fail(
+          at('nbd'),
+          'expected an NBD URI (nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH)',
+        );
+      if (d.direct !== undefined || d.create !== undefined)
+        fail(at(), 'direct and create apply to file exports');
+      const c = d.connections;
+      if (c !== undefined && (typeof c !== 'number' || !Number.isInteger(c) || c < 1 || c > 16))
+        fail(at('connections'), 'expected 1 to 16');
+      spec.backend = {
+        type: 'nbd',
+        uri: d.nbd as string,
+        ...(c !== undefined ? { connections: c as number } : {}),
+      };
+    } else if (d.file !== undefined) {
       if (typeof d.file !== 'string' || d.file === '') fail(at('file'), 'expected a path');
       spec.backend = {
         type: 'file',

@@ -83,7 +83,11 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   try {
     for (const spec of opts.exports) {
       const readOnly = opts.readOnly || spec.readOnly === true;
-      const device = await openBackend(spec.backend, readOnly);
+      const device = await openBackend(
+        spec.backend,
+        readOnly,
+        log.child({ export: spec.name, component: 'backend' }),
+      );
       const description = spec.description !== undefined ? { description: spec.description } : {};
       const exp = manager.addExport(spec.name, device, {
         readOnly,
@@ -284,5 +288,10 @@ export function stopOnSignals(daemon: RunningDaemon, log: Logger): void {
 }
 
 function backendLabel(spec: ExportSpec): string {
-  return spec.backend.type === 'file' ? `file:${spec.backend.path}` : `memory:${spec.backend.size}`;
+  const b = spec.backend;
+  return b.type === 'file'
+    ? `file:${b.path}`
+    : b.type === 'nbd'
+      ? `nbd:${b.uri}`
+      : `memory:${b.size}`;
 }

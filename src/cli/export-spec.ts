@@ -2,12 +2,14 @@
  * Export definitions, from the command line (`NAME=file:PATH,readonly`) or a config file,
  * and opening their backends.
  */
+import type { Logger } from 'pino';
 import type { Device } from '../core/device.js';
 import { parseSize } from '../core/size.js';
 
 export type BackendSpec =
   | { type: 'file'; path: string; direct?: boolean; create?: number }
-  | { type: 'memory'; size: number };
+  | { type: 'memory'; size: number }
+  | { type: 'nbd'; uri: string; connections?: number };
 
 export interface ExportSpec {
   name: string;
@@ -31,8 +33,9 @@ export interface FilterSpec {
 }
 
 export const EXPORT_SPEC_HELP =
-  'NAME=file:PATH or NAME=memory:SIZE, then comma-separated options: readonly, direct (file), ' +
-  'create=SIZE (file: create a sparse file if missing), description=TEXT';
+  'NAME=file:PATH, NAME=memory:SIZE or NAME=nbd:URI (an export of another NBD server), then ' +
+  'comma-separated options: readonly, direct (file), create=SIZE (file: create a sparse file ' +
+  'if missing), connections=N (nbd: 1-16, default 4), description=TEXT';
 
 /** Parses `NAME=TYPE:ARG[,option...]`; throws an Error that says what is wrong. */
 export function parseExportSpec(text: string): ExportSpec {
@@ -44,7 +47,7 @@ export function parseExportSpec(text: string): ExportSpec {
   const colon = backendText.indexOf(':');
   if (colon < 0) {
     throw new Error(
-      `invalid export ${JSON.stringify(text)}: backend must be file:PATH or memory:SIZE`,
+      `invalid export ${JSON.stringify(text)}: backend must be file:PATH, memory:SIZE or nbd:URI`,
     );
   }
   const type = backendText.slice(0, colon);
@@ -52,18 +55,35 @@ export function parseExportSpec(text: string): ExportSpec {
   const spec: ExportSpec = { name, backend: { type: 'memory', size: 0 } };
   let direct = false;
   let create: number | undefined;
+  let connections: number | undefined;
   for (const option of options) {
     const [key, value] = splitOption(option);
     if (key === 'readonly' || key === 'ro') spec.readOnly = true;
     else if (key === 'direct') direct = true;
     else if (key === 'create' && value !== undefined) create = parseSize(value);
-    else if (key === 'description' && value !== undefined) spec.description = value;
+    else if (key === 'connections' && value !== undefined) {
+      connections = Number(value);
+      if (!/^\d+$/.test(value) || connections < 1 || connections > 16)
+        throw new Error(`invalid export ${JSON.stringify(text)}: connections must be 1 to 16`);
+    } else if (key === 'description' && value !== undefined) spec.description = value;
     else
       throw new Error(
         `invalid export ${JSON.stringify(text)}: unknown option ${JSON.stringify(option)}`,
       );
   }
-  if (type === 'file') {
+  if (connections !== undefined && type !== 'nbd')
+    throw new Error(`invalid export ${JSON.stringify(text)}: connections applies to nbd exports`);
+  if (type === 'nbd') {
+    if (direct || create !== undefined)
+      throw new Error(
+        `invalid export ${JSON.stringify(text)}: direct and create apply to file exports`,
+      );
+    if (!/^nbds?(\+unix)?:\/\//.test(arg))
+      throw new Error(
+        `invalid export ${JSON.stringify(text)}: nbd needs a URI (nbd://HOST:PORT/NAME or nbd+unix:///NAME?socket=PATH)`,
+      );
+    spec.backend = { type: 'nbd', uri: arg, ...(connections !== undefined ? { connections } : {}) };
+  } else if (type === 'file') {
     if (arg === '') throw new Error(`invalid export ${JSON.stringify(text)}: file needs a path`);
     spec.backend = { type: 'file', path: arg, direct, ...(create !== undefined ? { create } : {}) };
   } else if (type === 'memory') {
@@ -75,7 +95,7 @@ export function parseExportSpec(text: string): ExportSpec {
     spec.backend = { type: 'memory', size: parseSize(arg) };
   } else {
     throw new Error(
-      `invalid export ${JSON.stringify(text)}: unknown backend type ${JSON.stringify(type)} (file or memory)`,
+      `invalid export ${JSON.stringify(text)}: unknown backend type ${JSON.stringify(type)} (file, memory or nbd)`,
     );
   }
   validateExportName(name);
@@ -92,11 +112,23 @@ function splitOption(option: string): [string, string | undefined] {
   return eq < 0 ? [option, undefined] : [option.slice(0, eq), option.slice(eq + 1)];
 }
 
-export async function openBackend(spec: BackendSpec, readOnly: boolean): Promise<Device> {
+export async function openBackend(
+  spec: BackendSpec,
+  readOnly: boolean,
+  logger?: Logger,
+): Promise<Device> {
   // Loaded here, not at the top: client commands parse export specs' module but open nothing.
   if (spec.type === 'memory') {
     const { MemoryBackend } = await import('../backends/memory.js');
     return new MemoryBackend({ size: spec.size, readOnly });
+  }
+  if (spec.type === 'nbd') {
+    const { NbdBackend } = await import('../backends/nbd.js');
+    return NbdBackend.open(spec.uri, {
+      readOnly,
+      ...(spec.connections !== undefined ? { connections: spec.connections } : {}),
+      ...(logger !== undefined ? { logger } : {}),
+    });
   }
   const { FileBackend } = await import('../backends/file.js');
   return FileBackend.open(spec.path, {

@@ -1,0 +1,291 @@
+/**
+ * A backend that is an export of another NBD server (`nbd://host:port/name`,
+ * `nbd+unix:///name?socket=PATH`): the remote side of a migration, or a device served
+ * elsewhere with filters put in front of it here.
+ *
+ * - Several connections when the server allows multi-conn (a flush on one then covers the
+ *   writes of all); one otherwise. Requests go to the connection with the fewest in flight.
+ * - A lost connection is reopened with exponential back-off; requests wait for it (up to
+ *   `retryTimeoutMs`) and are sent again — reads, writes, trims and zeroing are idempotent.
+ * - What a lost connection may have lost is never hidden: if writes completed since the last
+ *   flush when a connection dropped, the server may have lost them (it crashed, or restarted
+ *   without syncing), so the next flush fails with EIO — once — instead of vouching for them.
+ * - The server's errors keep their meaning (EPERM, ENOSPC, EINVAL, … from the NBD error).
+ */
+import type { Logger } from 'pino';
+import {
+  ExtentState,
+  type Device,
+  type DeviceCapabilities,
+  type DeviceInfo,
+  type Extent,
+} from '../core/device.js';
+import { DEFAULT_BLOCK_SIZE } from '../core/device.js';
+import { DeviceError, assert, isErrno } from '../core/errors.js';
+import { NbdClient, NbdConnectionError, NbdRequestError, parseNbdUri } from '../nbd/client.js';
+import { BASE_ALLOCATION, TFlag } from '../nbd/protocol.js';
+
+export interface NbdBackendOptions {
+  /** Connections to open when the server allows multi-conn (1..16, default 4). */
+  connections?: number;
+  /** How long a request waits for a lost connection to come back (default 30 s). */
+  retryTimeoutMs?: number;
+  /** Back-off between reconnection attempts: first and largest delay (100 ms, 5 s). */
+  backoffMs?: { initial: number; max: number };
+  readOnly?: boolean;
+  logger?: Logger;
+}
+
+const MAX_CONNECTIONS = 16;
+
+interface Slot {
+  client: NbdClient | null;
+  inFlight: number;
+  reconnecting: boolean;
+}
+
+function capsOf(flags: number, readOnly: boolean): DeviceCapabilities {
+  const has = (f: number): boolean => (flags & f) !== 0;
+  return {
+    readOnly: readOnly || has(TFlag.READ_ONLY),
+    flush: has(TFlag.SEND_FLUSH),
+    fua: has(TFlag.SEND_FUA),
+    trim: has(TFlag.SEND_TRIM),
+    zero: has(TFlag.SEND_WRITE_ZEROES),
+    fastZero: has(TFlag.SEND_FAST_ZERO),
+    cache: has(TFlag.SEND_CACHE),
+    multiConn: has(TFlag.CAN_MULTI_CONN),
+    rotational: has(TFlag.ROTATIONAL),
+  };
+}
+
+/** The server's answer to one request, as a DeviceError with the same meaning. */
+function mapError(err: unknown): unknown {
+  if (err instanceof NbdRequestError) {
+    const name = err.errnoName;
+    return new DeviceError(name !== undefined && isErrno(name) ? name : 'EIO', err.message, {
+      cause: err,
+    });
+  }
+  return err;
+}
+
+export class NbdBackend implements Device {
+  private readonly slots: Slot[];
+  private readonly facts: DeviceInfo;
+  private readonly waiters = new Set<() => void>();
+  private closed = false;
+  /** Writes, trims and zeroings completed since the last flush was sent. */
+  private unflushed = 0;
+  /** A connection dropped while `unflushed` > 0: the next flush must fail. */
+  private durabilityLost: string | null = null;
+  private readonly retryTimeoutMs: number;
+  private readonly backoff: { initial: number; max: number };
+
+  private constructor(
+    readonly uri: string,
+    first: NbdClient,
+    count: number,
+    private readonly opts: NbdBackendOptions,
+  ) {
+    this.retryTimeoutMs = opts.retryTimeoutMs ?? 30_000;
+    this.backoff = opts.backoffMs ?? { initial: 100, max: 5000 };
+    this.facts = Object.freeze({
+      size: first.size,
+      blockSize: first.blockSize ?? DEFAULT_BLOCK_SIZE,
+      caps: Object.freeze(capsOf(first.transmissionFlags, opts.readOnly === true)),
+    });
+    this.slots = Array.from({ length: count }, (_, i) => ({
+      client: i === 0 ? first : null,
+      inFlight: 0,
+      reconnecting: false,
+    }));
+    this.watch(this.slots[0]!, first);
+  }
+
+  /** Connects (the first connection must succeed) and opens the others in the background. */
+  static async open(uri: string, opts: NbdBackendOptions = {}): Promise<NbdBackend> {
+    const u = parseNbdUri(uri);
+    if (u.tls) throw new Error(`${uri}: TLS (nbds) is not supported for a remote backend yet`);
+    const wanted = opts.connections ?? 4;
+    if (!Number.isInteger(wanted) || wanted < 1 || wanted > MAX_CONNECTIONS)
+      throw new Error(`connections must be 1 to ${MAX_CONNECTIONS}, got ${wanted}`);
+    let first: NbdClient;
+    try {
+      first = await NbdClient.fromUri(uri, { metaContexts: [BASE_ALLOCATION] });
+    } catch (err) {
+      throw new Error(`cannot open remote NBD export ${uri}: ${(err as Error).message}`, {
+        cause: err,
+      });
+    }
+    // Without multi-conn a flush on one connection need not cover another's writes.
+    const count = (first.transmissionFlags & TFlag.CAN_MULTI_CONN) !== 0 ? wanted : 1;
+    const b = new NbdBackend(uri, first, count, opts);
+    for (const s of b.slots) if (s.client === null) b.reconnect(s);
+    return b;
+  }
+
+  info(): DeviceInfo {
+    return this.facts;
+  }
+
+  get connections(): number {
+    return this.slots.filter((s) => s.client !== null).length;
+  }
+
+  /** When a connection ends, note what it may have lost and open it again. */
+  private watch(slot: Slot, client: NbdClient): void {
+    void client.closed.then((reason) => {
+      if (slot.client !== client) return;
+      slot.client = null;
+      if (this.closed) return;
+      if (this.unflushed > 0)
+        this.durabilityLost ??= `the connection to ${this.uri} dropped with ${this.unflushed} write(s) not yet flushed (${reason?.message ?? 'closed'}); the server may have lost them`;
+      this.opts.logger?.warn({ uri: this.uri, err: reason }, 'remote NBD connection lost');
+      this.reconnect(slot);
+    });
+  }
+
+  private reconnect(slot: Slot): void {
+    if (slot.reconnecting || this.closed) return;
+    slot.reconnecting = true;
+    void (async () => {
+      let delay = this.backoff.initial;
+      while (!this.closed) {
+        try {
+          const c = await NbdClient.fromUri(this.uri, { metaContexts: [BASE_ALLOCATION] });
+          if (c.size !== this.facts.size) {
+            await c.close();
+            throw new Error(`the export is ${c.size} bytes now, not ${this.facts.size}`);
+          }
+          if (this.closed) {
+            await c.close();
+            break;
+          }
+          slot.client = c;
+          this.watch(slot, c);
+          this.opts.logger?.info({ uri: this.uri }, 'remote NBD connection open');
+          for (const w of [...this.waiters]) w();
+          break;
+        } catch (err) {
+          this.opts.logger?.debug({ uri: this.uri, err }, 'remote NBD reconnect failed');
+          await new Promise((r) => setTimeout(r, delay));
+          delay = Math.min(this.backoff.max, delay * 2);
+        }
+      }
+      slot.reconnecting = false;
+    })();
+  }
+
+  /** The live connection with the fewest requests in flight, waiting for one if none is. */
+  private async pick(deadline: number): Promise<Slot> {
+    for (;;) {
+      if (this.closed) throw new DeviceError('ESHUTDOWN', `remote NBD backend ${this.uri} closed`);
+      let best: Slot | undefined;
+      for (const s of this.slots)
+        if (s.client !== null && (best === undefined || s.inFlight < best.inFlight)) best = s;
+      if (best !== undefined) return best;
+      const left = deadline - Date.now();
+      if (left <= 0) throw new DeviceError('EIO', `remote NBD server ${this.uri} unreachable`);
+      await new Promise<void>((resolve) => {
+        const done = (): void => {
+          clearTimeout(timer);
+          this.waiters.delete(done);
+          resolve();
+        };
+        const timer = setTimeout(done, left);
+        this.waiters.add(done);
+      });
+    }
+  }
+
+  /** Runs `op` on a connection; a lost connection is retried on another (idempotent ops). */
+  private async run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
+    const deadline = Date.now() + this.retryTimeoutMs;
+    for (;;) {
+      const slot = await this.pick(deadline);
+      const client = slot.client!;
+      slot.inFlight++;
+      try {
+        return await op(client);
+      } catch (err) {
+        if (err instanceof NbdConnectionError || !client.isOpen) {
+          if (Date.now() < deadline && !this.closed) continue; // the connection went: again
+          throw new DeviceError('EIO', `remote NBD server ${this.uri}: ${(err as Error).message}`);
+        }
+        throw mapError(err);
+      } finally {
+        slot.inFlight--;
+      }
+    }
+  }
+
+  async read(buf: Buffer, offset: number, flags: number): Promise<void> {
+    const data = await this.run((c) => c.read(offset, buf.length, flags));
+    assert(data.length === buf.length, 'remote read returned a short buffer');
+    data.copy(buf);
+  }
+
+  async write(data: Buffer, offset: number, flags: number): Promise<void> {
+    await this.run((c) => c.write(offset, data, flags));
+    this.unflushed++;
+  }
+
+  async trim(offset: number, length: number, flags: number): Promise<void> {
+    await this.run((c) => c.trim(offset, length, flags));
+    this.unflushed++;
+  }
+
+  async writeZeroes(offset: number, length: number, flags: number): Promise<void> {
+    await this.run((c) => c.writeZeroes(offset, length, flags));
+    this.unflushed++;
+  }
+
+  async flush(flags: number): Promise<void> {
+    const covered = this.unflushed;
+    const lost = this.durabilityLost;
+    if (lost !== null) {
+      this.durabilityLost = null;
+      this.unflushed = 0;
+      throw new DeviceError('EIO', lost);
+    }
+    await this.run((c) => c.flush(flags));
+    this.unflushed = Math.max(0, this.unflushed - covered);
+  }
+
+  async cache(offset: number, length: number, flags: number): Promise<void> {
+    await this.run((c) => c.cache(offset, length, flags));
+  }
+
+  async blockStatus(offset: number, length: number, flags: number): Promise<Extent[]> {
+    const extents = await this.run(async (c) =>
+      c.metaContexts.size > 0
+        ? (await c.blockStatus(offset, Math.min(length, 0xffffffff), flags)).get(BASE_ALLOCATION)
+        : undefined,
+    );
+    // A server without block status: all data, which is always true.
+    if (extents === undefined || extents.length === 0)
+      return [{ length: this.facts.size - offset, state: 0 }];
+    const out: Extent[] = [];
+    let at = offset;
+    for (const e of extents) {
+      const len = Math.min(e.length, this.facts.size - at);
+      if (len <= 0) break;
+      out.push({ length: len, state: e.flags & (ExtentState.HOLE | ExtentState.ZERO) });
+      at += len;
+    }
+    return out;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    for (const w of [...this.waiters]) w();
+    await Promise.all(
+      this.slots.map(async (s) => {
+        const c = s.client;
+        s.client = null;
+        await c?.disconnect().catch(() => c.close());
+      }),
+    );
+  }
+}
