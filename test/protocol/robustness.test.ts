@@ -33,7 +33,8 @@ import {
 } from './raw.js';
 
 const MEM = 64 * MIB;
-const CASES = 50;
+/** Cases per phase: 50 in CI; NBD_FUZZ_CASES=N for a longer run on demand. */
+const CASES = Number(process.env.NBD_FUZZ_CASES ?? 50);
 const BASE_SEED =
   process.env.NBD_FUZZ_SEED !== undefined
     ? Number(process.env.NBD_FUZZ_SEED)
