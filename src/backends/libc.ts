@@ -73,6 +73,7 @@ interface Libc {
   pwrite(fd: number, buf: Buffer, length: number, offset: number): number | bigint;
   preadv2(fd: number, iov: Buffer, count: number, offset: number, flags: number): number | bigint;
   fstatfs(fd: number, out: Buffer): number;
+  getsockopt(fd: number, level: number, name: number, value: Buffer, length: Buffer): number;
 }
 
 let libc: Libc | undefined;
@@ -94,6 +95,9 @@ function load(): Libc {
         'int64_t preadv64v2(int fd, void *iov, int iovcnt, int64_t offset, int flags)',
       ),
       fstatfs: lib.func('int fstatfs64(int fd, void *buf)'),
+      getsockopt: lib.func(
+        'int getsockopt(int fd, int level, int optname, void *optval, void *optlen)',
+      ),
     };
   }
   return libc;
@@ -199,4 +203,20 @@ export function supportsNoWaitRead(fd: number): boolean {
   } catch {
     return false;
   }
+}
+
+const SOL_SOCKET = 1;
+const SO_PEERCRED = 17;
+
+/**
+ * The process at the other end of a unix socket, as the kernel recorded it when the
+ * connection was made (SO_PEERCRED): who a client is, for rules and logs.
+ */
+export function peerCredentials(fd: number): { pid: number; uid: number; gid: number } {
+  const cred = Buffer.alloc(12); // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+  const len = Buffer.alloc(4);
+  len.writeUInt32LE(cred.length, 0);
+  if (load().getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) !== 0)
+    throw new SysError('getsockopt', koffi.errno());
+  return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8) };
 }

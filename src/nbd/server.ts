@@ -9,6 +9,7 @@ import type { ClientInfo, IoContext } from '../core/device.js';
 import type { ExportSource } from './exports.js';
 import { BufferPool } from './buffer-pool.js';
 import { Negotiator } from './handshake.js';
+import { peerCredentials } from '../backends/libc.js';
 import {
   DEFAULT_TRANSMISSION_LIMITS,
   TransmissionSession,
@@ -170,6 +171,19 @@ function clientInfoOf(
   socket: net.Socket,
   where: { path: string } | { host: string; port: number } | { fd: number },
 ): ClientInfo {
-  if ('path' in where || socket.remoteAddress === undefined) return { transport: 'unix' };
+  if ('path' in where || socket.remoteAddress === undefined) return unixPeer(socket);
   return { transport: 'tcp', address: socket.remoteAddress, port: socket.remotePort ?? 0 };
+}
+
+/** A unix-socket client with its uid and gid (SO_PEERCRED), when the kernel tells them. */
+function unixPeer(socket: net.Socket): ClientInfo {
+  // Node keeps the descriptor on the socket's handle; it has no public accessor for it.
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return { transport: 'unix' };
+  try {
+    const { uid, gid } = peerCredentials(fd);
+    return { transport: 'unix', uid, gid };
+  } catch {
+    return { transport: 'unix' }; // not a unix socket after all (stdio, inherited): no identity
+  }
 }
