@@ -37,6 +37,8 @@ export interface DaemonOptions {
   filterModules?: string[];
   /** The control socket (JSON-RPC); none when undefined. */
   control?: string;
+  /** A group whose members may use the control socket for lists and status (gid). */
+  controlGroup?: number;
   /**
    * The control path is the built-in default rather than asked for: its directory is checked
    * for ownership, and when another daemon already answers there, this one runs without a
@@ -240,7 +242,10 @@ async function startControl(
         return loaded.map((t) => t.name);
       },
     },
-    { logger: log.child({ component: 'control' }) },
+    {
+      logger: log.child({ component: 'control' }),
+      ...(opts.controlGroup !== undefined ? { readOnlyGroup: opts.controlGroup } : {}),
+    },
   );
   try {
     prepareSocketDir(path, { strict: isDefault });

@@ -97,6 +97,10 @@ function program(): Command {
     )
     .option('--no-control', 'no control socket: the filter stacks are fixed at start')
     .option(
+      '--control-group <group>',
+      'let members of GROUP (name or gid) connect to the control socket (mode 0660) for lists and status only; changes stay with the owner',
+    )
+    .option(
       '--filter-module <spec>',
       'load filter types from an ES module path or an installed package (repeatable)',
       collect(String),
@@ -193,6 +197,9 @@ Examples:
         logger: await createLogger(o.logLevel),
         filterModules: filterModules.map((m) => (m.startsWith('.') ? resolve(m) : m)),
         ...controlOptions(control, o.stdio === true),
+        ...(o.controlGroup !== undefined
+          ? { controlGroup: await groupId(o.controlGroup as string) }
+          : {}),
         ...(o.metrics !== undefined
           ? { metrics: o.metrics as { host: string; port: number } }
           : {}),
@@ -222,6 +229,18 @@ Examples:
       });
     });
   return cmd;
+}
+
+/** A group given by name (looked up in /etc/group) or number. */
+async function groupId(group: string): Promise<number> {
+  if (/^\d+$/.test(group)) return Number(group);
+  const { readFile } = await import('node:fs/promises');
+  const text = await readFile('/etc/group', 'utf8').catch(() => '');
+  for (const line of text.split('\n')) {
+    const [name, , gid] = line.split(':');
+    if (name === group && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
+  }
+  throw new UsageError(`--control-group: no group named ${JSON.stringify(group)}`);
 }
 
 /** Where the daemon's control socket goes: asked for, $DEVFILTER_CONTROL, or the default. */

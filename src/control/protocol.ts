@@ -24,6 +24,7 @@ export type RpcErrorName =
   | 'invalid-params'
   | 'internal'
   | 'busy'
+  | 'forbidden'
   | ManagerErrorCode;
 
 /** The numeric JSON-RPC code of each error name. */
@@ -36,6 +37,7 @@ export const RPC_ERROR_CODES: Readonly<Record<RpcErrorName, number>> = {
   internal: -32603,
   failed: -32000,
   busy: -32001,
+  forbidden: -32003,
   invalid: -32002,
   'not-found': -32004,
   timeout: -32008,

@@ -13,8 +13,10 @@
  * loses events (counted, and reported with an "events.dropped" notification once it catches
  * up) rather than making the daemon buffer without bound.
  */
+import { chmodSync, chownSync } from 'node:fs';
 import net from 'node:net';
 import type { Logger } from 'pino';
+import { peerCredentials } from '../backends/libc.js';
 import type { FilterEvent } from '../core/manager.js';
 import { methods, toRpcError, type ControlContext, type MethodSession } from './methods.js';
 import {
@@ -34,6 +36,11 @@ export interface ControlServerOptions {
   maxLineBytes?: number;
   /** Connections beyond this are answered with a `busy` error and closed (default 64). */
   maxConnections?: number;
+  /**
+   * A group whose members may connect too (socket mode 0660, that group), for read-only
+   * methods only: lists and status. Unset: owner only (0600).
+   */
+  readOnlyGroup?: number;
   /** Unsent output a subscriber may have before events are dropped (default 1 MiB). */
   maxEventBacklogBytes?: number;
 }
@@ -52,7 +59,7 @@ export class ControlServer {
 
   constructor(
     readonly ctx: ControlContext,
-    opts: ControlServerOptions,
+    private readonly opts: ControlServerOptions,
   ) {
     this.log = opts.logger;
     this.maxLineBytes = opts.maxLineBytes ?? MAX_REQUEST_LINE_BYTES;
@@ -78,6 +85,10 @@ export class ControlServer {
   async listen(path: string): Promise<void> {
     await clearStaleSocket(path);
     await listenOwnerOnly(this.server, path);
+    if (this.opts.readOnlyGroup !== undefined) {
+      chownSync(path, -1, this.opts.readOnlyGroup);
+      chmodSync(path, 0o660);
+    }
     this.path = path;
   }
 
@@ -120,6 +131,10 @@ class ControlConnection implements MethodSession {
   private dead = false;
   private subscribed = false;
   private confirmedEnd = false;
+  /** The peer (SO_PEERCRED), for logs; undefined where the kernel does not say. */
+  private readonly peer: { pid: number; uid: number; gid: number } | undefined;
+  /** Not the daemon's owner nor root: a member of the read-only group. */
+  private readonly readOnly: boolean;
   private dropped = 0;
 
   constructor(
@@ -127,6 +142,13 @@ class ControlConnection implements MethodSession {
     private readonly socket: net.Socket,
     private readonly log: Logger,
   ) {
+    this.peer = peerOf(socket);
+    const self = process.getuid?.();
+    this.readOnly =
+      this.peer !== undefined &&
+      self !== undefined &&
+      this.peer.uid !== 0 &&
+      this.peer.uid !== self;
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('end', () => {
       this.ended = true;
@@ -378,7 +400,17 @@ class ControlConnection implements MethodSession {
           'invalid-params',
           `${method}: params must be an object (by name), not an array`,
         );
+      if (this.readOnly && !READ_ONLY_METHODS.has(method))
+        throw RpcError.of(
+          'forbidden',
+          `${method}: only the daemon's owner may change state (you are uid ${this.peer!.uid}; this connection may list and read status)`,
+        );
       const params = validateParams(method, m.params ?? {});
+      if (!READ_ONLY_METHODS.has(method))
+        this.log.info(
+          { method, params: summarise(params), uid: this.peer?.uid, pid: this.peer?.pid },
+          'control call',
+        );
       const result = await methods[method](this.server.ctx, params, this);
       response = { jsonrpc: JSONRPC_VERSION, id: rid, result: result ?? null };
       this.log.debug({ method, ms: Math.round(performance.now() - started) }, 'control request');
@@ -389,6 +421,37 @@ class ControlConnection implements MethodSession {
       response = error(rid, e);
     }
     return hasId ? response : undefined;
+  }
+}
+
+/** Methods that change nothing: a read-only group member may call them. */
+const READ_ONLY_METHODS: ReadonlySet<string> = new Set([
+  'filter.list',
+  'filter.status',
+  'filter.types',
+  'export.list',
+  'export.status',
+  'snapshot.list',
+  'snapshot.status',
+  'daemon.status',
+  'events.subscribe',
+  'events.unsubscribe',
+]);
+
+/** The call's parameters for the log, cut short: an audit line, not a dump. */
+function summarise(params: unknown): string {
+  const text = JSON.stringify(params) ?? '';
+  return text.length > 300 ? `${text.slice(0, 300)}…` : text;
+}
+
+function peerOf(socket: net.Socket): { pid: number; uid: number; gid: number } | undefined {
+  // Node keeps the descriptor on the socket's handle; it has no public accessor for it.
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  if (typeof fd !== 'number' || fd < 0) return undefined;
+  try {
+    return peerCredentials(fd);
+  } catch {
+    return undefined;
   }
 }
 
