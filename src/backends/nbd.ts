@@ -15,6 +15,7 @@
 import type { Logger } from 'pino';
 import {
   ExtentState,
+  RequestFlags,
   type Device,
   type DeviceCapabilities,
   type DeviceInfo,
@@ -23,7 +24,7 @@ import {
 import { DEFAULT_BLOCK_SIZE } from '../core/device.js';
 import { DeviceError, assert, isErrno } from '../core/errors.js';
 import { NbdClient, NbdConnectionError, NbdRequestError, parseNbdUri } from '../nbd/client.js';
-import { BASE_ALLOCATION, TFlag } from '../nbd/protocol.js';
+import { BASE_ALLOCATION, CmdFlag, TFlag } from '../nbd/protocol.js';
 
 export interface NbdBackendOptions {
   /** Connections to open when the server allows multi-conn (1..16, default 4). */
@@ -59,6 +60,16 @@ function capsOf(flags: number, readOnly: boolean): DeviceCapabilities {
   };
 }
 
+/** Request flags as NBD puts them on the wire (FAST_ZERO differs: the wire's 4 is DF). */
+function wireFlags(flags: number): number {
+  let w = 0;
+  if (flags & RequestFlags.FUA) w |= CmdFlag.FUA;
+  if (flags & RequestFlags.NO_HOLE) w |= CmdFlag.NO_HOLE;
+  if (flags & RequestFlags.FAST_ZERO) w |= CmdFlag.FAST_ZERO;
+  if (flags & RequestFlags.REQ_ONE) w |= CmdFlag.REQ_ONE;
+  return w;
+}
+
 /** The server's answer to one request, as a DeviceError with the same meaning. */
 function mapError(err: unknown): unknown {
   if (err instanceof NbdRequestError) {
@@ -75,11 +86,19 @@ export class NbdBackend implements Device {
   private readonly facts: DeviceInfo;
   private readonly waiters = new Set<() => void>();
   private closed = false;
-  /** Writes, trims and zeroings completed since the last flush was sent. */
+  /** Writes, trims and zeroings completed and not yet covered by a successful flush. */
   private unflushed = 0;
-  /** A connection dropped while `unflushed` > 0: the next flush must fail. */
-  private durabilityLost: string | null = null;
+  /**
+   * Connections that dropped while `unflushed` > 0 (the server may have lost those writes),
+   * and how many of those drops a flush has reported: a flush fails while they differ.
+   */
+  private losses = 0;
+  private reportedLosses = 0;
+  private lastLoss = '';
+  private readonly timers = new Set<NodeJS.Timeout>();
   private readonly retryTimeoutMs: number;
+  /** The transmission flags of the first connection: every later one must match. */
+  private readonly flags: number;
   private readonly backoff: { initial: number; max: number };
 
   private constructor(
@@ -88,6 +107,7 @@ export class NbdBackend implements Device {
     count: number,
     private readonly opts: NbdBackendOptions,
   ) {
+    this.flags = first.transmissionFlags;
     this.retryTimeoutMs = opts.retryTimeoutMs ?? 30_000;
     this.backoff = opts.backoffMs ?? { initial: 100, max: 5000 };
     this.facts = Object.freeze({
@@ -135,14 +155,36 @@ export class NbdBackend implements Device {
 
   /** When a connection ends, note what it may have lost and open it again. */
   private watch(slot: Slot, client: NbdClient): void {
-    void client.closed.then((reason) => {
-      if (slot.client !== client) return;
-      slot.client = null;
-      if (this.closed) return;
-      if (this.unflushed > 0)
-        this.durabilityLost ??= `the connection to ${this.uri} dropped with ${this.unflushed} write(s) not yet flushed (${reason?.message ?? 'closed'}); the server may have lost them`;
-      this.opts.logger?.warn({ uri: this.uri, err: reason }, 'remote NBD connection lost');
-      this.reconnect(slot);
+    void client.closed.then((reason) => this.lost(slot, client, reason));
+  }
+
+  /**
+   * A connection is gone (its socket closed, or a request found it failed): take it out at
+   * once — before its 'close' event, so that no retry picks it again — count what it may have
+   * lost, and open it again.
+   */
+  private lost(slot: Slot, client: NbdClient, reason: Error | undefined): void {
+    if (slot.client !== client) return;
+    slot.client = null;
+    if (this.closed) return;
+    if (this.unflushed > 0) {
+      this.losses++;
+      this.lastLoss = `the connection to ${this.uri} dropped with ${this.unflushed} write(s) not yet flushed (${reason?.message ?? 'closed'}); the server may have lost them`;
+    }
+    this.opts.logger?.warn({ uri: this.uri, err: reason }, 'remote NBD connection lost');
+    void client.close().catch(() => undefined);
+    this.reconnect(slot);
+  }
+
+  /** A delay that close() cancels. */
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const t = setTimeout(() => {
+        this.timers.delete(t);
+        resolve();
+      }, ms);
+      t.unref();
+      this.timers.add(t);
     });
   }
 
@@ -154,9 +196,13 @@ export class NbdBackend implements Device {
       while (!this.closed) {
         try {
           const c = await NbdClient.fromUri(this.uri, { metaContexts: [BASE_ALLOCATION] });
-          if (c.size !== this.facts.size) {
+          if (c.size !== this.facts.size || c.transmissionFlags !== this.flags) {
             await c.close();
-            throw new Error(`the export is ${c.size} bytes now, not ${this.facts.size}`);
+            // Another device, or the same with other guarantees (multi-conn, flush, FUA,
+            // read-only): carrying on would break promises already made to clients.
+            throw new Error(
+              `the export changed: ${c.size} bytes and flags 0x${c.transmissionFlags.toString(16)}, was ${this.facts.size} bytes and 0x${this.flags.toString(16)}`,
+            );
           }
           if (this.closed) {
             await c.close();
@@ -168,8 +214,8 @@ export class NbdBackend implements Device {
           for (const w of [...this.waiters]) w();
           break;
         } catch (err) {
-          this.opts.logger?.debug({ uri: this.uri, err }, 'remote NBD reconnect failed');
-          await new Promise((r) => setTimeout(r, delay));
+          this.opts.logger?.warn({ uri: this.uri, err }, 'remote NBD reconnect failed');
+          await this.sleep(delay);
           delay = Math.min(this.backoff.max, delay * 2);
         }
       }
@@ -194,6 +240,7 @@ export class NbdBackend implements Device {
           resolve();
         };
         const timer = setTimeout(done, left);
+        timer.unref();
         this.waiters.add(done);
       });
     }
@@ -210,7 +257,8 @@ export class NbdBackend implements Device {
         return await op(client);
       } catch (err) {
         if (err instanceof NbdConnectionError || !client.isOpen) {
-          if (Date.now() < deadline && !this.closed) continue; // the connection went: again
+          this.lost(slot, client, err as Error);
+          if (Date.now() < deadline && !this.closed) continue; // pick() waits for a connection
           throw new DeviceError('EIO', `remote NBD server ${this.uri}: ${(err as Error).message}`);
         }
         throw mapError(err);
@@ -221,46 +269,51 @@ export class NbdBackend implements Device {
   }
 
   async read(buf: Buffer, offset: number, flags: number): Promise<void> {
-    const data = await this.run((c) => c.read(offset, buf.length, flags));
+    const data = await this.run((c) => c.read(offset, buf.length, wireFlags(flags)));
     assert(data.length === buf.length, 'remote read returned a short buffer');
     data.copy(buf);
   }
 
   async write(data: Buffer, offset: number, flags: number): Promise<void> {
-    await this.run((c) => c.write(offset, data, flags));
+    await this.run((c) => c.write(offset, data, wireFlags(flags)));
     this.unflushed++;
   }
 
   async trim(offset: number, length: number, flags: number): Promise<void> {
-    await this.run((c) => c.trim(offset, length, flags));
+    await this.run((c) => c.trim(offset, length, wireFlags(flags)));
     this.unflushed++;
   }
 
   async writeZeroes(offset: number, length: number, flags: number): Promise<void> {
-    await this.run((c) => c.writeZeroes(offset, length, flags));
+    await this.run((c) => c.writeZeroes(offset, length, wireFlags(flags)));
     this.unflushed++;
   }
 
+  /**
+   * Fails with EIO if a connection dropped with unflushed writes since the last flush that
+   * reported — also one dropping under this very flush, which is then sent again on a new
+   * connection: that second flush says nothing of what the old one lost.
+   */
   async flush(flags: number): Promise<void> {
     const covered = this.unflushed;
-    const lost = this.durabilityLost;
-    if (lost !== null) {
-      this.durabilityLost = null;
-      this.unflushed = 0;
-      throw new DeviceError('EIO', lost);
-    }
-    await this.run((c) => c.flush(flags));
+    await this.run((c) => c.flush(wireFlags(flags)));
     this.unflushed = Math.max(0, this.unflushed - covered);
+    if (this.losses !== this.reportedLosses) {
+      this.reportedLosses = this.losses;
+      throw new DeviceError('EIO', this.lastLoss);
+    }
   }
 
   async cache(offset: number, length: number, flags: number): Promise<void> {
-    await this.run((c) => c.cache(offset, length, flags));
+    await this.run((c) => c.cache(offset, length, wireFlags(flags)));
   }
 
   async blockStatus(offset: number, length: number, flags: number): Promise<Extent[]> {
     const extents = await this.run(async (c) =>
       c.metaContexts.size > 0
-        ? (await c.blockStatus(offset, Math.min(length, 0xffffffff), flags)).get(BASE_ALLOCATION)
+        ? (await c.blockStatus(offset, Math.min(length, 0xffffffff), wireFlags(flags))).get(
+            BASE_ALLOCATION,
+          )
         : undefined,
     );
     // A server without block status: all data, which is always true.
@@ -279,6 +332,8 @@ export class NbdBackend implements Device {
 
   async close(): Promise<void> {
     this.closed = true;
+    for (const t of this.timers) clearTimeout(t);
+    this.timers.clear();
     for (const w of [...this.waiters]) w();
     await Promise.all(
       this.slots.map(async (s) => {

@@ -167,8 +167,10 @@ export function addBackupCommands(program: Command): void {
     .argument('<image>', 'the top image of the chain')
     .option('--json', 'print the JSON report', false)
     .action(async (image: string, o: { json: boolean }) => {
+      let ok: boolean;
       try {
         const r = await verifyChain(image);
+        ok = r.ok;
         if (o.json) printJson(r);
         else {
           for (const i of r.images) {
@@ -189,10 +191,11 @@ export function addBackupCommands(program: Command): void {
               : `${r.problems.length} problem(s)\n`,
           );
         }
-        if (!r.ok) process.exitCode = 1;
       } catch (err) {
         throw new ExitError(reportError(err, o.json));
       }
+      // The report is out; the exit code says whether the chain is whole.
+      if (!ok) throw new ExitError(1);
     });
 
   program

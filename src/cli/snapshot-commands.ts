@@ -13,7 +13,7 @@ import {
   withClient,
   type CommonOptions,
 } from './filter-commands.js';
-import { printJson, printYaml, table } from './output.js';
+import { ExitError, printJson, printYaml, table } from './output.js';
 
 interface SnapshotRow {
   export?: string;
@@ -160,7 +160,7 @@ export function addSnapshotCommands(program: Command): void {
         );
         if (r.damaged.length > 0) await printYaml({ damaged: r.damaged, failed: r.failed });
       }
-      if (r.damaged.length > 0) process.exitCode = 1;
+      if (r.damaged.length > 0) throw new ExitError(1); // reported above
     });
   });
 }

@@ -8,7 +8,16 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  readSync,
+  statSync,
+  writeSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -252,4 +261,15 @@ test('a reset change history is refused: a full backup is needed', async (t) => 
   const full = await backup('full', join(d.dir, 'backups', 'full2.qcow2'));
   assert.equal(full.r.code, 0, full.r.stderr);
   await chainEquals(t, full.done!.path);
+
+  // A flipped byte in a data cluster (the writer puts data from cluster 1 on): verify says so.
+  const fd = openSync(full.done!.path, 'r+');
+  const b = Buffer.alloc(1);
+  readSync(fd, b, 0, 1, CLUSTER + 100);
+  b[0] = b[0]! ^ 0xff;
+  writeSync(fd, b, 0, 1, CLUSTER + 100);
+  closeSync(fd);
+  const v = await d.cli(['backup', 'verify', full.done!.path]);
+  assert.equal(v.code, 1, `verify of a damaged image exits 1: ${v.stdout}${v.stderr}`);
+  assert.match(v.stdout, /PROBLEM/);
 });
