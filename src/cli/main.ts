@@ -24,6 +24,7 @@ import {
 import { addClientCommands } from './filter-commands.js';
 import { addSnapshotCommands } from './snapshot-commands.js';
 import { addBackupCommands } from './backup-commands.js';
+import { addAuditCommands } from './audit-commands.js';
 import { parseListenAddress } from './listen-address.js';
 import type { Level } from 'pino';
 import { EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, ExitError, UsageError } from './output.js';
@@ -209,6 +210,7 @@ Examples:
   addClientCommands(cmd);
   addSnapshotCommands(cmd);
   addBackupCommands(cmd);
+  addAuditCommands(cmd);
 
   cmd
     .command('demo')

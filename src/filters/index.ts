@@ -1,11 +1,13 @@
 /** The filter types built into devfilter; each lives in its own folder. */
 import type { FilterType } from '../core/filter.js';
+import { accessFilterType } from './access/index.js';
 import { cbtFilterType } from './cbt/index.js';
 import { faultFilterType } from './fault/index.js';
 import { snapshotFilterType } from './snapshot/index.js';
 import { statsFilterType } from './stats/index.js';
 import { throttleFilterType } from './throttle/index.js';
 
+export { accessFilterType } from './access/index.js';
 export { cbtFilterType } from './cbt/index.js';
 export { faultFilterType } from './fault/index.js';
 export { statsFilterType } from './stats/index.js';
@@ -17,4 +19,5 @@ export const builtinFilterTypes: FilterType[] = [
   throttleFilterType,
   snapshotFilterType,
   cbtFilterType,
+  accessFilterType,
 ];

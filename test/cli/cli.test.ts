@@ -304,7 +304,10 @@ describe('devfilter status, export, events', () => {
       r.stdout,
       /^devfilter \d+\.\d+\.\d+, pid \d+, up \d+\w*, 0 NBD connection\(s\), control .*control\.sock\n/,
     );
-    assert.match(r.stdout, /^filter types: broken, cbt, echo, fault, snapshot, stats, throttle$/m);
+    assert.match(
+      r.stdout,
+      /^filter types: access, broken, cbt, echo, fault, snapshot, stats, throttle$/m,
+    );
     assert.match(
       r.stdout,
       /^EXPORT\s+SIZE\s+MODE\s+IN-FLIGHT\s+CHANGES\s+FILTERS \(top → bottom\)\s+BACKEND$/m,
