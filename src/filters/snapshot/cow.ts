@@ -22,7 +22,7 @@ import { crc32 } from '../../core/crc32.js';
 import { FailCode, NO_SLOT, RecordType, type LogRecord } from './format.js';
 import { parseLog } from './log-parse.js';
 import type { Snap, SnapshotSet } from './registry.js';
-import type { DiffStore, SlotData } from './store.js';
+import { SlotWriteError, type DiffStore } from './store.js';
 
 /** Chunks of one request copied at the same time: bounds buffers per request. */
 const WINDOW = 8;
@@ -312,23 +312,7 @@ export class CopyEngine {
       await this.store.reserve(slot);
     } catch (err) {
       this.slots.release(slot);
-      const code = (err as NodeJS.ErrnoException).code;
-      if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') {
-        return this.overflow(
-          c,
-          low,
-          high,
-          FailCode.HOST_FULL,
-          `difference store: no space left on the host file system (${this.store.dataBytes} bytes in use)`,
-        );
-      }
-      return this.overflow(
-        c,
-        low,
-        high,
-        FailCode.STORE_ERROR,
-        `difference store I/O error: ${(err as Error).message}`,
-      );
+      return this.storeWriteFailed(err, c, low, high);
     }
     const record: LogRecord = {
       type: RecordType.COPY,
@@ -340,7 +324,17 @@ export class CopyEngine {
       dataCrc: crc32(old),
     };
     // The data goes into its slot with the group commit that logs the record.
-    if (!(await this.commitOrBreak([record], c, high, [{ slot, data: old }]))) return;
+    try {
+      await this.store.commit([record], [{ slot, data: old }]);
+    } catch (err) {
+      if (err instanceof SlotWriteError) {
+        this.slots.release(slot);
+        return this.storeWriteFailed(err.cause, c, low, high);
+      }
+      await this.failAllThroughMeta(err as Error);
+      if (this.map.lastWriteGen[c]! < high) this.map.lastWriteGen[c] = high;
+      return;
+    }
     this.map.add(c, slot, low, high);
     this.copied++;
     this.bytesCopied += length;
@@ -352,20 +346,39 @@ export class CopyEngine {
    * Commits records; if the log cannot take them, every snapshot fails through the meta and
    * the chunk counts as done (false). Throws only if even that cannot be recorded.
    */
-  private async commitOrBreak(
-    records: LogRecord[],
-    c: number,
-    high: number,
-    slots: readonly SlotData[] = [],
-  ): Promise<boolean> {
+  private async commitOrBreak(records: LogRecord[], c: number, high: number): Promise<boolean> {
     try {
-      await this.store.commit(records, slots);
+      await this.store.commit(records);
       return true;
     } catch (err) {
       await this.failAllThroughMeta(err as Error);
       if (this.map.lastWriteGen[c]! < high) this.map.lastWriteGen[c] = high;
       return false;
     }
+  }
+
+  /**
+   * Growing diff.data or writing a copy into it failed: the snapshots that need the copy fail
+   * (host full, or an I/O error), the store and the other snapshots go on.
+   */
+  private storeWriteFailed(err: unknown, c: number, low: number, high: number): Promise<void> {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOSPC' || code === 'EDQUOT' || code === 'EFBIG') {
+      return this.overflow(
+        c,
+        low,
+        high,
+        FailCode.HOST_FULL,
+        `difference store: no space left on the host file system (${this.store.dataBytes} bytes in use)`,
+      );
+    }
+    return this.overflow(
+      c,
+      low,
+      high,
+      FailCode.STORE_ERROR,
+      `difference store I/O error: ${(err as Error).message}`,
+    );
   }
 
   /** The store cannot hold the copy: the snapshots that need it fail; the write goes on. */

@@ -85,6 +85,14 @@ export interface OpenedStore {
   recovery: Recovery;
 }
 
+/** A copy's data could not be written to its slot: that copy failed, the store did not. */
+export class SlotWriteError extends Error {
+  constructor(override readonly cause: Error) {
+    super(`writing a copy to diff.data failed: ${cause.message}`, { cause });
+    this.name = 'SlotWriteError';
+  }
+}
+
 /** A copy's data, written into its slot by the group commit that logs its record. */
 export interface SlotData {
   slot: number;
@@ -327,8 +335,7 @@ export class DiffStore {
         this.pending = [];
         this.pendingRecords = 0;
         try {
-          await this.writeBatch(waiters);
-          for (const w of waiters) w.resolve();
+          for (const w of await this.writeBatch(waiters)) w.resolve();
         } catch (err) {
           // The log may now hold part of this batch: nothing more may follow it.
           this.brokenBy = new Error(`difference store ${this.dir}: ${(err as Error).message}`, {
@@ -344,38 +351,61 @@ export class DiffStore {
     }
   }
 
-  /** Writes the slots of a batch: one writev per run of consecutive whole-chunk slots. */
-  private async writeSlots(waiters: readonly Waiter[]): Promise<void> {
-    const all: SlotData[] = [];
-    for (const w of waiters) all.push(...w.slots);
-    if (all.length === 0) return;
-    all.sort((a, b) => a.slot - b.slot);
-    const runs: Array<{ first: number; bufs: Buffer[] }> = [];
+  /**
+   * Writes the slots of a batch: one writev per run of consecutive whole-chunk slots. A run
+   * that fails fails only the waiters with a slot in it (SlotWriteError: their copies did not
+   * happen, their records are left out of the log); the rest of the batch goes on.
+   */
+  private async writeSlots(waiters: readonly Waiter[]): Promise<Set<Waiter>> {
+    const all: Array<{ s: SlotData; w: Waiter }> = [];
+    for (const w of waiters) for (const s of w.slots) all.push({ s, w });
+    const failed = new Set<Waiter>();
+    if (all.length === 0) return failed;
+    all.sort((a, b) => a.s.slot - b.s.slot);
+    const runs: Array<{ first: number; bufs: Buffer[]; owners: Waiter[] }> = [];
     let prev: SlotData | undefined;
-    for (const s of all) {
+    for (const { s, w } of all) {
       const run = runs[runs.length - 1];
       // A short chunk (the origin's last) ends a run: the next slot starts a chunk further.
       const follows =
         prev !== undefined && s.slot === prev.slot + 1 && prev.data.length === this.chunkSize;
-      if (run !== undefined && follows && run.bufs.length < MAX_IOVECS) run.bufs.push(s.data);
-      else runs.push({ first: s.slot, bufs: [s.data] });
+      if (run !== undefined && follows && run.bufs.length < MAX_IOVECS) {
+        run.bufs.push(s.data);
+        run.owners.push(w);
+      } else runs.push({ first: s.slot, bufs: [s.data], owners: [w] });
       prev = s;
     }
-    await Promise.all(runs.map((r) => pwritevFull(this.dataFd, r.bufs, r.first * this.chunkSize)));
+    await Promise.all(
+      runs.map(async (r) => {
+        try {
+          await pwritevFull(this.dataFd, r.bufs, r.first * this.chunkSize);
+        } catch (err) {
+          for (const w of r.owners) {
+            if (failed.has(w)) continue;
+            failed.add(w);
+            w.reject(new SlotWriteError(err as Error));
+          }
+        }
+      }),
+    );
+    return failed;
   }
 
-  private async writeBatch(waiters: readonly Waiter[]): Promise<void> {
+  /** Commits a batch; returns the waiters whose records are now durable. */
+  private async writeBatch(waiters: readonly Waiter[]): Promise<Waiter[]> {
     // Data first: a record may reach the log only once its copy is in its slot (replay checks
     // the last batch's CRCs against the slots, which covers a crash between the two syncs).
-    await this.writeSlots(waiters);
+    const failed = await this.writeSlots(waiters);
+    const ok = failed.size === 0 ? [...waiters] : waiters.filter((w) => !failed.has(w));
     let count = 0;
-    for (const w of waiters) count += w.records.length;
+    for (const w of ok) count += w.records.length;
+    if (count === 0) return ok;
     const batch = ++this.batch;
     assert(batch <= 0xffffffff, 'batch counter overflow');
     const buf = Buffer.alloc(count * RECORD_SIZE);
     let at = 0;
     let copies = false;
-    for (const w of waiters) {
+    for (const w of ok) {
       for (const r of w.records) {
         encodeRecord({ ...r, batch }, buf, at);
         at += RECORD_SIZE;
@@ -388,6 +418,7 @@ export class DiffStore {
     await Promise.all([fdatasync(this.logFd), copies ? fdatasync(this.dataFd) : undefined]);
     this.batches++;
     this.recordsCommitted += count;
+    return ok;
   }
 
   /**
