@@ -24,6 +24,7 @@ import {
 import { addClientCommands } from './filter-commands.js';
 import { addSnapshotCommands } from './snapshot-commands.js';
 import { addBackupCommands } from './backup-commands.js';
+import { addMirrorCommands } from './mirror-commands.js';
 import { addAuditCommands } from './audit-commands.js';
 import { parseListenAddress } from './listen-address.js';
 import type { Level } from 'pino';
@@ -210,6 +211,7 @@ Examples:
   addClientCommands(cmd);
   addSnapshotCommands(cmd);
   addBackupCommands(cmd);
+  addMirrorCommands(cmd);
   addAuditCommands(cmd);
 
   cmd

@@ -53,6 +53,19 @@ export interface FilterEnv {
    * that its image can also answer the others' block-status contexts as of that instant.
    */
   captureInstant?(): InstantView[];
+  /**
+   * Makes `device` the export's backend in place of the current one (a migration's cutover),
+   * with clients connected and every filter staying in place: new requests are held, requests
+   * in flight drain (on timeout nothing changes), `device` is flushed, `commit()` runs with
+   * nothing in flight (throw to refuse), the stack is rebound over `device`, and held requests
+   * resume. `label` becomes the export's backendLabel. The device must have the export's size;
+   * once this resolves the export owns it, and the old backend has been closed.
+   */
+  replaceBackend?(
+    device: Device,
+    label: string,
+    opts?: { timeoutMs?: number; commit?: () => void },
+  ): Promise<void>;
 }
 
 /**

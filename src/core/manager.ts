@@ -36,8 +36,11 @@ export interface ManagedExport {
   readonly description?: string;
   readonly readOnly: boolean;
   readonly stack: LiveStack;
-  /** How the backend was described (e.g. "file:/var/lib/disk.img"), for status output. */
-  readonly backendLabel: string;
+  /**
+   * How the backend was described (e.g. "file:/var/lib/disk.img"), for status output; changes
+   * when replaceBackend() swaps the backend (a migration's cutover).
+   */
+  backendLabel: string;
 }
 
 export interface FilterEvent {
@@ -276,6 +279,60 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     }
   }
 
+  /**
+   * Makes `device` the backend of an export in place of the current one, with clients connected
+   * and every filter staying in place (a migration's cutover): held, drained and swapped like a
+   * filter change (see LiveStack.replaceBackend), then the old backend is closed. The device
+   * must have the export's size and be writable if the export is; `commit` runs inside the
+   * swap with nothing in flight (throw to refuse). On refusal or timeout nothing changes and
+   * the caller still owns `device`.
+   */
+  async replaceBackend(
+    exportName: string,
+    device: Device,
+    label: string,
+    opts: { timeoutMs?: number; commit?: () => void } = {},
+  ): Promise<void> {
+    const exp = this.getExport(exportName);
+    const before = exp.stack.below.info();
+    const after = device.info();
+    if (after.size !== before.size)
+      throw new ManagerError(
+        'invalid',
+        `the new backend has ${after.size} bytes, export "${exportName}" has ${before.size}`,
+      );
+    if (after.caps.readOnly && !before.caps.readOnly && !exp.readOnly)
+      throw new ManagerError(
+        'invalid',
+        `the new backend is read-only, export "${exportName}" is not`,
+      );
+    const lost = (Object.keys(before.caps) as (keyof DeviceInfo['caps'])[]).filter(
+      (k) => k !== 'readOnly' && k !== 'rotational' && before.caps[k] && !after.caps[k],
+    );
+    let old: Device;
+    try {
+      old = await exp.stack.replaceBackend(
+        device,
+        opts.timeoutMs ?? DEFAULT_CHANGE_TIMEOUT_MS,
+        opts.commit,
+      );
+    } catch (err) {
+      throw this.fromStackError(err);
+    }
+    const oldLabel = exp.backendLabel;
+    exp.backendLabel = label;
+    this.publish({
+      export: exportName,
+      event: 'export.backend-replaced',
+      data: { from: oldLabel, to: label, pauseMs: exp.stack.stats().lastPauseMs, lostCaps: lost },
+    });
+    try {
+      await old.close();
+    } catch (err) {
+      this.logger.error({ err, export: exportName }, 'closing the old backend failed');
+    }
+  }
+
   listFilters(exportName?: string): FilterSummary[] {
     const targets = exportName === undefined ? this.exports() : [this.getExport(exportName)];
     return targets.flatMap((exp) => exp.stack.filters().map((e) => this.summary(exp, e)));
@@ -379,13 +436,17 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
       filterName,
       logger,
       below,
-      backendLabel: exp.backendLabel,
+      get backendLabel() {
+        return exp.backendLabel;
+      },
       deviceBelow: exp.stack.belowDevice(() => owner.filter),
       emit: (event, data) =>
         this.publish({ export: exp.name, filter: filterName, event, ...(data ? { data } : {}) }),
       publishExport: (name, device, opts) =>
         this.publishExport(exp, filterName, owner, name, device, opts ?? {}),
       unpublishExport: (name) => this.unpublishExport(owner, name),
+      replaceBackend: (device, label, opts) =>
+        this.replaceBackend(exp.name, device, label, opts ?? {}),
       captureInstant: () => {
         const views: InstantView[] = [];
         for (const e of exp.stack.filters()) {
@@ -467,7 +528,9 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
             ? 'exists'
             : err.reason === 'not-found'
               ? 'not-found'
-              : 'failed';
+              : err.reason === 'invalid'
+                ? 'invalid'
+                : 'failed';
       return new ManagerError(code, err.message);
     }
     return err as Error;

@@ -23,7 +23,7 @@ export class StackChangeError extends Error {
   override name = 'StackChangeError';
   constructor(
     message: string,
-    readonly reason: 'timeout' | 'not-found' | 'exists' | 'closed',
+    readonly reason: 'timeout' | 'not-found' | 'exists' | 'closed' | 'invalid',
   ) {
     super(message);
   }
@@ -123,7 +123,7 @@ export class LiveStack implements Device {
     if (this.inFlight === 0 && this.onDrained !== null) this.onDrained();
   };
 
-  constructor(private readonly backend: Device) {
+  constructor(private backend: Device) {
     this.top = backend;
   }
 
@@ -300,6 +300,50 @@ export class LiveStack implements Device {
         this.lowers = chain.lowers;
         this.changes++;
         return removed;
+      } finally {
+        this.lastPauseMs = performance.now() - pausedAt;
+        this.gate = null;
+        openGate();
+      }
+    };
+    const result = this.changeLock.then(run, run);
+    this.changeLock = result.catch(() => undefined);
+    return result;
+  }
+
+  /**
+   * Makes `device` the bottom of the stack in place of the backend (a migration's cutover),
+   * with the same hold/drain/swap as a filter change: new requests are held, requests in
+   * flight drain (on timeout nothing changes), the new device is flushed (so what was durable
+   * below stays durable), `commit()` runs with nothing in flight — it may throw to refuse —
+   * then the chain is rebound over `device` and held requests resume. The filters stay in place
+   * (no activate/release). Refuses a device of another size. Returns the old backend, which the
+   * caller closes.
+   */
+  async replaceBackend(device: Device, timeoutMs: number, commit?: () => void): Promise<Device> {
+    const run = async (): Promise<Device> => {
+      if (this.closed) throw new StackChangeError('export is closed', 'closed');
+      const oldSize = this.backend.info().size;
+      const newSize = device.info().size;
+      if (newSize !== oldSize)
+        throw new StackChangeError(
+          `the new backend has ${newSize} bytes, the export ${oldSize}; the stack is unchanged`,
+          'invalid',
+        );
+      let openGate!: () => void;
+      this.gate = new Promise((resolve) => (openGate = resolve));
+      const pausedAt = performance.now();
+      try {
+        await this.drain(timeoutMs);
+        if (device.info().caps.flush) await device.flush(0);
+        commit?.();
+        const old = this.backend;
+        const chain = buildChain(this.entries, device);
+        this.backend = device;
+        this.top = chain.top;
+        this.lowers = chain.lowers;
+        this.changes++;
+        return old;
       } finally {
         this.lastPauseMs = performance.now() - pausedAt;
         this.gate = null;

@@ -3,6 +3,7 @@ import type { FilterType } from '../core/filter.js';
 import { accessFilterType } from './access/index.js';
 import { cbtFilterType } from './cbt/index.js';
 import { faultFilterType } from './fault/index.js';
+import { mirrorFilterType } from './mirror/index.js';
 import { snapshotFilterType } from './snapshot/index.js';
 import { statsFilterType } from './stats/index.js';
 import { throttleFilterType } from './throttle/index.js';
@@ -19,5 +20,6 @@ export const builtinFilterTypes: FilterType[] = [
   throttleFilterType,
   snapshotFilterType,
   cbtFilterType,
+  mirrorFilterType,
   accessFilterType,
 ];
