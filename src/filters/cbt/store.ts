@@ -164,6 +164,8 @@ export interface OpenOptions {
 export class CbtStore {
   private queue: Item[] = [];
   private running = false;
+  /** Marks may be in memory that are on disk nowhere (a commit failed): rewrite first. */
+  private unrecorded = false;
   private journalBytes = JOURNAL_HEADER_BYTES;
   private journalRecords = 0;
   private commits = 0;
@@ -226,8 +228,12 @@ export class CbtStore {
   }
 
   /** True while records wait or a commit runs: a change already marked may not be durable yet. */
+  /**
+   * True while a commit runs or marks may be in memory only: a request finding its blocks
+   * marked already must then wait (barrier) until they are durable.
+   */
   get busy(): boolean {
-    return this.running;
+    return this.running || this.unrecorded;
   }
 
   /** Makes marks of blocks [start, start + count) pairs in `generation` durable. */
@@ -335,6 +341,14 @@ export class CbtStore {
       let count = 0;
       for (const item of group) if (item.recs !== null) count += item.recs.length / 4;
       try {
+        if (this.unrecorded) {
+          // A failed commit left marks in memory that the journal does not have (and later
+          // requests to those blocks skip the journal): write the whole map first.
+          if (this.closed) throw new Error('the cbt state is closed');
+          await this.rewrite(0);
+          this.unrecorded = false;
+          this.compactions++;
+        }
         if (count > 0) {
           if (this.closed) throw new Error('the cbt state is closed');
           const data = Buffer.allocUnsafe(count * RECORD_BYTES);
@@ -362,6 +376,9 @@ export class CbtStore {
       } catch (err) {
         this.lastError = (err as Error).message;
         this.logger.error({ err }, 'cbt journal commit failed');
+        // The group's marks are in memory, not on disk: until the whole map is written, every
+        // request waits for it (and fails while it cannot be written).
+        this.unrecorded = true;
         for (const item of group) item.reject(err);
         continue;
       }
@@ -370,7 +387,10 @@ export class CbtStore {
           await this.rewrite(0);
           this.compactions++;
         } catch (err) {
-          // The journal stays valid and keeps growing; the next commit tries again.
+          // The map may have been replaced with the journal not yet restarted under the new
+          // epoch (then later records would be ignored at replay): the next commit rewrites
+          // everything before it writes records again.
+          this.unrecorded = true;
           this.lastError = (err as Error).message;
           this.logger.error({ err }, 'cbt journal compaction failed');
         }
