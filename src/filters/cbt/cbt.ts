@@ -151,6 +151,8 @@ const toEio = (err: unknown): never => {
 export class CbtFilter implements Filter {
   /** What qemu:dirty-bitmap:NAME reports: changed since this generation; null = the current. */
   private bitmapSince: number | null = null;
+  /** Block ranges [first, end) of the writes, trims and zeroings in flight. */
+  private readonly inFlight = new Set<[number, number]>();
   private readonly qemuContext: string;
   private readonly ownContext: string;
   private readonly sincePrefix: string;
@@ -266,7 +268,12 @@ export class CbtFilter implements Filter {
     } catch (err) {
       return Promise.reject(err);
     }
-    const run = before === null ? op() : before.then(op);
+    // In flight until it settles: a new generation marks it durably before it begins.
+    const entry: [number, number] = [first, end];
+    this.inFlight.add(entry);
+    const run = (before === null ? op() : before.then(op)).finally(() =>
+      this.inFlight.delete(entry),
+    );
     return run.then(
       () => (this.map.epoch === epoch ? undefined : (this.note(first, end) ?? undefined)),
       async (err: unknown) => {
@@ -342,7 +349,18 @@ export class CbtFilter implements Filter {
         `generation ${this.map.generation} is the last one; reset the history`,
       );
     const r = this.map.newGeneration();
-    await this.store?.generation(r.current);
+    // Requests in flight may land after this instant: they belong to the new generation too,
+    // durably before the command returns (the backup's snapshot follows it). Their own
+    // re-mark after completing would come too late for a crash in between.
+    const runs: number[] = [];
+    for (const [first, end] of this.inFlight) {
+      const marked = this.map.mark(first, end);
+      if (marked !== null) runs.push(...marked);
+    }
+    await Promise.all([
+      this.store?.generation(r.current),
+      runs.length > 0 ? this.store?.mark(runs, r.current) : undefined,
+    ]);
     this.env.emit('cbt.generation', { id: this.map.id, ...r });
     return { id: this.map.id, ...r };
   }
