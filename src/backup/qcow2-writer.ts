@@ -269,9 +269,10 @@ export async function createQcow2Writer(
   const clusterSize = checkOptions(options);
   const manifestPath = manifestPathOf(dest);
   if (!options.overwrite) {
-    for (const p of [dest, manifestPath]) {
-      if (await exists(p)) throw new Error(`backup destination already exists: ${p}`);
-    }
+    if (await exists(dest)) throw new Error(`backup destination already exists: ${dest}`);
+    // A manifest without its image is what a run interrupted between the two renames of
+    // finish() leaves (DEST appearing is the commit point): not a backup, replaced.
+    await fs.promises.rm(manifestPath, { force: true });
   }
   const backingDigest =
     options.backingFile !== undefined ? await resolveBackingDigest(dest, options) : null;
@@ -617,11 +618,8 @@ class Writer implements Qcow2Writer {
     // Publish: the manifest first, the image last. DEST appearing is the commit point; a
     // manifest without its image is a leftover the next attempt replaces.
     const dir = path.dirname(this.path);
-    if (!this.#options.overwrite) {
-      for (const p of [this.path, this.manifestPath]) {
-        if (await exists(p)) throw new Error(`backup destination already exists: ${p}`);
-      }
-    }
+    if (!this.#options.overwrite && (await exists(this.path)))
+      throw new Error(`backup destination already exists: ${this.path}`);
     await fs.promises.rename(manifestPartial, this.manifestPath);
     await fsyncDir(dir);
     await fs.promises.rename(this.partialPath, this.path);

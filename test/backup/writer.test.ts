@@ -267,6 +267,15 @@ describe('qcow2 writer: interruption and misuse', () => {
     }
     assert.ok(fs.existsSync(image));
     await assert.rejects(createQcow2Writer(image, { size: MIB }), /already exists/);
+    // A manifest without its image (a run stopped between finish()'s two renames) is no
+    // backup: the next run replaces it.
+    const orphan = at('orphan.qcow2');
+    fs.writeFileSync(orphan + '.manifest', 'left over');
+    const again = await createQcow2Writer(orphan, { size: MIB });
+    await again.finish();
+    assert.ok(
+      fs.existsSync(orphan) && fs.readFileSync(orphan + '.manifest', 'latin1') !== 'left over',
+    );
     await assert.rejects(createQcow2Writer(at('x.qcow2'), { size: MIB, clusterSize: 3000 }), {
       name: 'RangeError',
     });
