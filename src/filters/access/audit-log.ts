@@ -17,7 +17,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import type { Logger } from 'pino';
 import { closeFd, fdatasync, pwriteFull } from '../../backends/fdio.js';
-import { ftruncateFd, fsyncDir, openFd, takeLock } from './files.js';
+import { ftruncateFd, fsyncDir, openFd, takeLock } from '../../core/durable-files.js';
 import {
   AUDIT_FORMAT_VERSION,
   HEADER_TYPE,

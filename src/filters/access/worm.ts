@@ -18,7 +18,14 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { closeFd, fdatasync, pwriteFull } from '../../backends/fdio.js';
 import { makeDirs } from '../../core/make-dirs.js';
-import { readIfExists, fsyncDir, ftruncateFd, openFd, takeLock, writeFileAtomic } from './files.js';
+import {
+  readIfExists,
+  fsyncDir,
+  ftruncateFd,
+  openFd,
+  takeLock,
+  writeFileAtomic,
+} from '../../core/durable-files.js';
 import {
   FLAG_CLEAN,
   FormatError,

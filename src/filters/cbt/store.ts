@@ -18,6 +18,14 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { closeFd, fdatasync, pwriteFull } from '../../backends/fdio.js';
 import {
+  fsyncDir,
+  ftruncateFd,
+  openFd,
+  readIfExists,
+  takeLock,
+  writeFileAtomic,
+} from '../../core/durable-files.js';
+import {
   FLAG_CLEAN,
   FormatError,
   JOURNAL_HEADER_BYTES,
@@ -74,79 +82,9 @@ type Item =
       reject: (e: unknown) => void;
     };
 
-function openFd(path: string, flags: number, mode = 0o600): Promise<number> {
-  return new Promise((resolve, reject) =>
-    fs.open(path, flags, mode, (err, fd) => (err ? reject(err) : resolve(fd))),
-  );
-}
-
-function fsyncFd(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fsync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-function ftruncateFd(fd: number, size: number): Promise<void> {
-  return new Promise((resolve, reject) =>
-    fs.ftruncate(fd, size, (err) => (err ? reject(err) : resolve())),
-  );
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fd = await openFd(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    await fsyncFd(fd);
-  } finally {
-    await closeFd(fd);
-  }
-}
-
-/** Replaces dir/name with data: a crash leaves the old or the new file, whole. */
-async function writeFileAtomic(dir: string, name: string, data: Buffer): Promise<void> {
-  const tmp = join(dir, `${name}.tmp`);
-  const fd = await openFd(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC);
-  try {
-    await pwriteFull(fd, data, 0);
-    await fsyncFd(fd);
-  } finally {
-    await closeFd(fd);
-  }
-  await fs.promises.rename(tmp, join(dir, name));
-  await fsyncDir(dir);
-}
-
-async function readIfExists(path: string): Promise<Buffer | null> {
-  try {
-    return await fs.promises.readFile(path);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw err;
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-/** State directories attached in this process (one holder at a time, in process too). */
-const heldHere = new Set<string>();
-
-async function lockDir(dir: string): Promise<() => Promise<void>> {
-  if (heldHere.has(dir)) throw new Error(`cbt state ${dir} is already attached in this process`);
-  const path = join(dir, LOCK_FILE);
-  const text = await readIfExists(path);
-  const owner = text === null ? undefined : Number.parseInt(text.toString('utf8'), 10);
-  if (owner !== undefined && Number.isSafeInteger(owner) && owner !== process.pid && alive(owner))
-    throw new Error(`cbt state ${dir} is in use by process ${owner}`);
-  await fs.promises.writeFile(path, `${process.pid}\n`);
-  heldHere.add(dir);
-  return async () => {
-    heldHere.delete(dir);
-    await fs.promises.rm(path, { force: true });
-  };
+/** Takes the state directory's lock file (see takeLock). */
+function lockDir(dir: string): Promise<() => Promise<void>> {
+  return takeLock(join(dir, LOCK_FILE), `cbt state ${dir}`);
 }
 
 export interface OpenOptions {

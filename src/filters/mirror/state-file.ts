@@ -15,7 +15,8 @@
  * `clean: false` is what a crash leaves: the map is not trusted and every chunk is copied again.
  */
 import fs from 'node:fs';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
+import { fsyncDir, readIfExists, writeFileAtomic } from '../../core/durable-files.js';
 import { crc32 } from '../../core/crc32.js';
 
 const MAGIC = Buffer.from('DFMIRROR', 'ascii');
@@ -67,42 +68,18 @@ export function decodeState(data: Buffer, what: string): MirrorState {
 }
 
 export async function readState(path: string): Promise<MirrorState | undefined> {
-  let data: Buffer;
-  try {
-    data = await fs.promises.readFile(path);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
-  }
-  return decodeState(data, path);
+  const data = await readIfExists(path);
+  return data === null ? undefined : decodeState(data, path);
 }
 
-export async function writeState(path: string, s: MirrorState): Promise<void> {
-  const tmp = `${path}.tmp`;
-  const fh = await fs.promises.open(tmp, 'w', 0o600);
-  try {
-    await fh.writeFile(encodeState(s));
-    await fh.datasync();
-  } finally {
-    await fh.close();
-  }
-  await fs.promises.rename(tmp, path);
-  await syncDir(dirname(path));
+export function writeState(path: string, s: MirrorState): Promise<void> {
+  return writeFileAtomic(dirname(path), basename(path), encodeState(s));
 }
 
 export async function removeState(path: string): Promise<void> {
   await fs.promises.rm(path, { force: true });
   await fs.promises.rm(`${path}.tmp`, { force: true });
-  await syncDir(dirname(path)).catch(() => undefined);
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const fh = await fs.promises.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
+  await fsyncDir(dirname(path)).catch(() => undefined);
 }
 
 /** Where the state of mirror FILTER on export EXPORT lives under `stateDir`. */
