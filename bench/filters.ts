@@ -3,7 +3,11 @@
  * added to src/filters/ over time), plus the benchmark's own pass-through `bench-noop`, each
  * with arguments that make it do its normal work but never limit or fail a request.
  */
+import { existsSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
+import { removeAtExit } from './proc.js';
 import { paths, type FilterSpec } from './servers.js';
 
 interface TypeInfo {
@@ -17,13 +21,25 @@ interface TypeInfo {
 /** A limit that is set but never reached by this benchmark (≈ 1 TB/s, 1e12 IOPS). */
 const HUGE = 1e12;
 
+/** A new directory beside the export file (in /dev/shm), removed when the benchmark ends. */
+function scratchDir(type: string): string {
+  const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const dir = mkdtempSync(join(base, `devfilter-bench-${type}-`));
+  removeAtExit(dir);
+  return dir;
+}
+
 /**
  * Arguments for a type in the benchmark: "no limit reached, no rule". Numbers that are
  * required get a huge value; throttle gets every numeric limit set huge so that its
- * accounting runs. A type whose required arguments are not numbers (paths, URIs) cannot be
+ * accounting runs; a required `dir` (a journal's) gets a scratch directory beside the export
+ * file. A type whose other required arguments are not numbers (paths, URIs) cannot be
  * guessed: undefined, and the caller says so.
  */
-export function benchArgs(t: TypeInfo): Record<string, unknown> | undefined {
+export function benchArgs(
+  t: TypeInfo,
+  scratch: (type: string) => string = scratchDir,
+): Record<string, unknown> | undefined {
   const props = t.argsSchema.properties ?? {};
   const isNumber = (p: { type?: string | string[] }): boolean =>
     [p.type].flat().some((x) => x === 'number' || x === 'integer');
@@ -32,6 +48,10 @@ export function benchArgs(t: TypeInfo): Record<string, unknown> | undefined {
   for (const name of t.argsSchema.required ?? []) {
     const p = props[name] ?? {};
     if (p.default !== undefined) continue;
+    if (name === 'dir' && [p.type].flat().includes('string')) {
+      args[name] = scratch(t.name);
+      continue;
+    }
     if (!isNumber(p)) return undefined;
     args[name] = huge(p);
   }

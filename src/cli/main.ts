@@ -25,6 +25,7 @@ import { addClientCommands } from './filter-commands.js';
 import { addSnapshotCommands } from './snapshot-commands.js';
 import { addBackupCommands } from './backup-commands.js';
 import { addMirrorCommands } from './mirror-commands.js';
+import { addCdpCommands } from './cdp-commands.js';
 import { addAuditCommands } from './audit-commands.js';
 import { parseListenAddress } from './listen-address.js';
 import type { Level } from 'pino';
@@ -212,6 +213,7 @@ Examples:
   addSnapshotCommands(cmd);
   addBackupCommands(cmd);
   addMirrorCommands(cmd);
+  addCdpCommands(cmd);
   addAuditCommands(cmd);
 
   cmd

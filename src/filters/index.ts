@@ -2,6 +2,7 @@
 import type { FilterType } from '../core/filter.js';
 import { accessFilterType } from './access/index.js';
 import { cbtFilterType } from './cbt/index.js';
+import { cdpFilterType } from './cdp/index.js';
 import { faultFilterType } from './fault/index.js';
 import { mirrorFilterType } from './mirror/index.js';
 import { snapshotFilterType } from './snapshot/index.js';
@@ -10,6 +11,7 @@ import { throttleFilterType } from './throttle/index.js';
 
 export { accessFilterType } from './access/index.js';
 export { cbtFilterType } from './cbt/index.js';
+export { cdpFilterType } from './cdp/index.js';
 export { faultFilterType } from './fault/index.js';
 export { statsFilterType } from './stats/index.js';
 export { throttleFilterType } from './throttle/index.js';
@@ -20,6 +22,7 @@ export const builtinFilterTypes: FilterType[] = [
   throttleFilterType,
   snapshotFilterType,
   cbtFilterType,
+  cdpFilterType,
   mirrorFilterType,
   accessFilterType,
 ];

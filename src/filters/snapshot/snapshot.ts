@@ -5,8 +5,8 @@
  * `EXPORT@NAME` when the host can publish exports.
  *
  * Module map: cow.ts copies chunks before writes; store.ts keeps them durable on disk;
- * recover.ts rebuilds state on attach; image.ts reads an image; gate.ts holds writes still for
- * the instant of a snapshot; registry.ts tracks snapshots' states. This file ties them to the
+ * recover.ts rebuilds state on attach; image.ts reads an image; ../gate.ts holds writes still
+ * for the instant of a snapshot; registry.ts tracks snapshots' states. This file ties them to the
  * filter API: hooks, commands, status, attach and detach. Design notes in docs/snapshots.md.
  */
 import { randomUUID } from 'node:crypto';
@@ -26,7 +26,7 @@ import {
   isPowerOfTwo,
   type StoreMeta,
 } from './format.js';
-import { WriteGate } from './gate.js';
+import { WriteGate } from '../gate.js';
 import { SnapshotImage, type ImageSource } from './image.js';
 import { recover, type Recovered } from './recover.js';
 import { SNAPSHOT_NAME, type Snap, type SnapshotSet } from './registry.js';

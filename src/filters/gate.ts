@@ -6,9 +6,10 @@
  *
  * This is the stack's suspend/drain/resume (stack.ts) narrowed to writes and to one filter,
  * so that a snapshot needs no stack change and reads never pause. Operations that freeze
- * (take, delete) run one at a time through `exclusive`.
+ * (take, delete) run one at a time through `exclusive`. A filter that must hold every kind of
+ * request (the cdp filter's rollback) passes all of them through the gate.
  */
-import { assert } from '../../core/errors.js';
+import { assert } from '../core/errors.js';
 
 export class WriteGateTimeout extends Error {
   override name = 'WriteGateTimeout';
