@@ -306,7 +306,7 @@ describe('devfilter status, export, events', () => {
     );
     assert.match(
       r.stdout,
-      /^filter types: access, broken, cbt, echo, fault, mirror, snapshot, stats, throttle$/m,
+      /^filter types: access, broken, cbt, cdp, echo, fault, mirror, snapshot, stats, throttle$/m,
     );
     assert.match(
       r.stdout,

@@ -120,7 +120,7 @@ exports:
     const base = 'exports:\n  disk:\n    memory: 1M\n    filters:\n';
     assert.match(
       configError(base + '      - stats\n      - type: nope\n'),
-      /^devfilter\.yaml:6:15: exports\.disk\.filters\.1\.type: unknown filter type "nope" \(known: access, cbt, echo, fault, mirror, snapshot, stats, throttle\)$/,
+      /^devfilter\.yaml:6:15: exports\.disk\.filters\.1\.type: unknown filter type "nope" \(known: access, cbt, cdp, echo, fault, mirror, snapshot, stats, throttle\)$/,
     );
     assert.equal(
       configError(base + '      - type: echo\n        args:\n          level: 12\n'),
