@@ -141,6 +141,45 @@ describe('cdp retention and journal failures', () => {
     for (const [p, want] of states) if (p >= st.oldest.point) await viewEquals(p, want);
   });
 
+  test('a trim of a whole large device stays within the index limit', async () => {
+    await fx.close();
+    fx = await startFixture({ size: 64 * 1024 * MiB });
+    c = await fx.connect();
+    await fx.manager.createFilter('mem', 'cdp', {
+      name: 'cdp',
+      args: { dir: dir.path, indexLimit: 65536 },
+    });
+    await c.write(5 * MiB, pattern(8192, 7));
+    await fx.control('cdp', 'mark', { name: 'before' });
+    // What mkfs does first: 64 GiB of discards (the device reads as zeros: no payload).
+    for (let off = 0; off < 64 * 1024 * MiB; off += 1024 * MiB) await c.trim(off, 1024 * MiB);
+    await fx.control('cdp', 'retain');
+    const st = fx.status<Status & { index: { entries: number } }>('cdp');
+    assert.equal(st.state, 'active');
+    assert.ok(st.index.entries <= 65536 + 65536 / 8, `index ${st.index.entries} entries`);
+    assert.ok(st.journal.segments > 2, 'segments end by index weight too');
+    const v = await fx.control<{ name: string }>('cdp', 'view', { seq: st.newest.point - 1 });
+    const buf = Buffer.alloc(4096);
+    await viewDevice(v.name).read(buf, 64 * 1024 * MiB - 4096, 0);
+    assert.ok(buf.equals(Buffer.alloc(4096)));
+    await fx.control('cdp', 'close-view', { name: v.name });
+  });
+
+  test('a history given up after a journal failure is not taken back at the next attach', async () => {
+    await fx.manager.createFilter('mem', 'cdp', { name: 'cdp', args: { dir: dir.path } });
+    await c.write(0, pattern(8192, 1));
+    await fx.control('cdp', 'mark', { name: 'a' });
+    breakJournal();
+    await c.write(0, pattern(8192, 2)); // served unjournaled: mark a's view would be wrong
+    await fx.manager.removeFilter('mem', 'cdp', { policy: 'keep' });
+    await fx.manager.createFilter('mem', 'cdp', { name: 'cdp', args: { dir: dir.path } });
+    const st = fx.status<Status & { recovery: { notes: string[] }; marks: number }>('cdp');
+    assert.equal(st.state, 'active');
+    assert.equal(st.marks, 0, 'the old marks are gone with their history');
+    assert.match(st.recovery.notes.join('\n'), /history given up/);
+    await assert.rejects(fx.control('cdp', 'view', { mark: 'a' }), /no mark named "a"/);
+  });
+
   function breakJournal(): void {
     const filter = fx.manager
       .getExport('mem')

@@ -49,6 +49,10 @@ const RETENTION_INTERVAL_MS = 1000;
 /** Index rows dropped between yields to client I/O while retention runs. */
 const DROP_BATCH = 4096;
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$/;
+/** At most this many index chunks per device: keeps the index's map far below its limit. */
+const MAX_INDEX_CHUNKS = 4 * 1024 * 1024;
+/** Most buckets a timeline answers with. */
+const MAX_TIMELINE_BUCKETS = 10_000;
 const ZEROS = Buffer.alloc(64 * 1024);
 
 function isZero(buf: Buffer): boolean {
@@ -70,6 +74,7 @@ interface Mark {
 interface OpenView {
   name: string;
   point: number;
+  pin: object;
   device: CdpView;
   openedAt: string;
 }
@@ -103,6 +108,8 @@ export class CdpFilter implements Filter {
   private seqCounter = 1;
   private lastTimeMs = 0;
   private failure: { reason: string; at: string } | null = null;
+  /** keep-serving after a failure: resolves once the history is marked lost on disk. */
+  private givenUp: Promise<void> = Promise.resolve();
   private rollback: Rollback | null = null;
   private rollbackCount = 0;
   /** Client requests pass here; a rollback holds them all. */
@@ -111,9 +118,13 @@ export class CdpFilter implements Filter {
   private retentionRunning: Promise<void> | null = null;
   private retentionWanted = false;
   private droppedSegments = 0;
+  /** Retention is dropping the changes up to this point: no view or rollback may need them. */
+  private droppingThrough = -1;
+  /** Points that views and a running rollback read from: retention keeps what they need. */
+  private readonly pins = new Map<object, number>();
+  /** Marks, rollbacks, resets, resumes and retention's mark rewrites run one at a time. */
+  private opChain: Promise<unknown> = Promise.resolve();
   private closed = false;
-  /** Pins of points a rollback is reading (like a view's). */
-  private rollbackPin: number | null = null;
 
   private constructor(
     private readonly env: FilterEnv,
@@ -130,8 +141,14 @@ export class CdpFilter implements Filter {
     return filter;
   }
 
+  /** Blocks per index chunk: at least 16, and so that a device has at most 4M chunks. */
+  private get chunkBlocks(): number {
+    const blocks = Math.ceil(this.env.below.size / this.settings.blockSize);
+    return Math.max(16, Math.ceil(blocks / MAX_INDEX_CHUNKS));
+  }
+
   private async openJournal(dir: string): Promise<void> {
-    let log = new ChangeLog();
+    let log = new ChangeLog(this.chunkBlocks);
     const marks = new Map<string, Mark>();
     let pendingRollback: { id: number; target: number; from: number } | null = null;
     let lastTime = 0;
@@ -141,6 +158,13 @@ export class CdpFilter implements Filter {
       size: this.env.below.size,
       blockSize: this.settings.blockSize,
       segmentBytes: this.settings.segmentBytes,
+      // A segment also ends at an eighth of the index limit, so that retention can always
+      // bring the index back under it by dropping old segments.
+      segmentWeight: Math.max(1, Math.floor(this.settings.indexLimit / 8)),
+      weightOf: (h) =>
+        h.type === RecordType.UNDO_DATA || h.type === RecordType.UNDO_ZERO
+          ? ChangeLog.entriesOf(h.blockStart, h.blockCount, this.chunkBlocks)
+          : 0,
       logger: this.env.logger,
       onRecord: (h, at, payload) => {
         lastTime = Math.max(lastTime, h.timeMs);
@@ -150,9 +174,12 @@ export class CdpFilter implements Filter {
           return;
         }
         const body = parseBody(payload);
-        if (h.type === RecordType.MARK && typeof body.name === 'string')
-          marks.set(body.name, { point: h.seq, timeMs: h.timeMs, segmentNo: at.segmentNo });
-        else if (h.type === RecordType.UNMARK && typeof body.name === 'string')
+        if (h.type === RecordType.MARK && typeof body.name === 'string') {
+          const markedAt = typeof body.markedAt === 'number' ? body.markedAt : h.timeMs;
+          marks.set(body.name, { point: h.seq, timeMs: markedAt, segmentNo: at.segmentNo });
+          const n = /^before-rollback-(\d+)$/.exec(body.name);
+          if (n !== null) maxRollbackId = Math.max(maxRollbackId, Number(n[1]));
+        } else if (h.type === RecordType.UNMARK && typeof body.name === 'string')
           marks.delete(body.name);
         else if (h.type === RecordType.ROLLBACK_BEGIN) {
           pendingRollback = {
@@ -164,7 +191,7 @@ export class CdpFilter implements Filter {
         } else if (h.type === RecordType.ROLLBACK_END) pendingRollback = null;
       },
       onDiscard: () => {
-        log = new ChangeLog();
+        log = new ChangeLog(this.chunkBlocks);
         marks.clear();
         pendingRollback = null;
       },
@@ -300,6 +327,7 @@ export class CdpFilter implements Filter {
           'EIO',
           `cdp: the journal failed (${this.failure.reason}); writes are stopped`,
         );
+      if (this.failure !== null) await this.historyGivenUp();
       return apply();
     }
     if (length === 0) return apply();
@@ -319,6 +347,7 @@ export class CdpFilter implements Filter {
         if (!(err instanceof JournalFailure)) throw err;
         this.journalFailed(err.cause);
         if (this.settings.onError === 'stop-writes') throw toJournalError(err.cause);
+        await this.historyGivenUp();
       }
       await apply();
     } finally {
@@ -390,8 +419,25 @@ export class CdpFilter implements Filter {
     if (this.settings.onError === 'keep-serving') {
       // Changes now go down unjournaled: no past point can be shown faithfully any more.
       for (const v of this.views.values()) v.device.invalidate(`the journal failed: ${reason}`);
+      this.givenUp = this.journal.giveUp();
       this.env.emit('cdp.failed', { reason, history: 'lost', writes: 'served' });
     } else this.env.emit('cdp.failed', { reason, history: 'kept', writes: 'stopped' });
+  }
+
+  /**
+   * Before the first change goes down unjournaled, the history is made unopenable on disk
+   * (its meta file removed): a restart must not take it for a whole one. If even that fails,
+   * the change fails (EIO): nothing may be written that a later view would show wrongly.
+   */
+  private async historyGivenUp(): Promise<void> {
+    try {
+      await this.givenUp;
+    } catch (err) {
+      throw new DeviceError(
+        'EIO',
+        `cdp: the journal failed and its history could not be marked lost: ${(err as Error).message}`,
+      );
+    }
   }
 
   private async lockBlocks(b0: number, b1: number): Promise<HeldRange> {
@@ -442,9 +488,27 @@ export class CdpFilter implements Filter {
 
   /** The oldest point a view or rollback may ask for. */
   oldestPoint(): number {
-    const physical = this.journal.segments[0]!.firstSeq - 1;
+    const physical = Math.max(this.journal.segments[0]!.firstSeq - 1, this.droppingThrough);
     if (this.settings.keepMs === 0 || this.log.rows === 0) return physical;
     return Math.max(physical, this.log.lastSeqAtOrBefore(Date.now() - this.settings.keepMs));
+  }
+
+  /** Runs `fn` after every other serialised operation has finished. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.opChain.then(fn, fn);
+    this.opChain = run.catch(() => undefined);
+    return run;
+  }
+
+  /**
+   * Resolves a point and pins it in the same turn of the event loop, so that retention
+   * (which looks at the pins before each segment) cannot take what it needs meanwhile.
+   */
+  private pinPoint(p: PointArgs): { point: number; pin: object } {
+    const point = this.resolvePoint(p);
+    const pin = {};
+    this.pins.set(pin, point);
+    return { point, pin };
   }
 
   /** The time a point came to be: that of its change (null for one no longer indexed). */
@@ -546,7 +610,11 @@ export class CdpFilter implements Filter {
       );
   }
 
-  private async mark(a: PointArgs & { name: string }): Promise<unknown> {
+  private mark(a: PointArgs & { name: string }): Promise<unknown> {
+    return this.serial(() => this.markNow(a));
+  }
+
+  private async markNow(a: PointArgs & { name: string }): Promise<unknown> {
     this.checkUsable();
     if (!NAME.test(a.name))
       throw new FilterCommandError(
@@ -564,10 +632,11 @@ export class CdpFilter implements Filter {
     return { name: a.name, point, time: new Date(m.timeMs).toISOString() };
   }
 
-  private async appendMark(name: string, point: number, timeMs?: number): Promise<Mark> {
+  /** Journals mark `name` of `point` (made at `markedAt`, default now) and records it. */
+  private async appendMark(name: string, point: number, markedAt?: number): Promise<Mark> {
     this.lastTimeMs = Math.max(this.lastTimeMs, Date.now());
-    const t = timeMs ?? this.lastTimeMs;
-    const at = await this.appendNote(RecordType.MARK, point, { name }, t);
+    const t = markedAt ?? this.lastTimeMs;
+    const at = await this.appendNote(RecordType.MARK, point, { name, markedAt: t });
     const m: Mark = { point, timeMs: t, segmentNo: at.segmentNo };
     this.marks.set(name, m);
     return m;
@@ -595,12 +664,14 @@ export class CdpFilter implements Filter {
     );
   }
 
-  private async unmark(name: string): Promise<unknown> {
-    this.checkUsable();
-    if (!this.marks.has(name)) throw new FilterCommandError(`no mark named "${name}"`);
-    await this.appendNote(RecordType.UNMARK, 0, { name });
-    this.marks.delete(name);
-    return { name, removed: true };
+  private unmark(name: string): Promise<unknown> {
+    return this.serial(async () => {
+      this.checkUsable();
+      if (!this.marks.has(name)) throw new FilterCommandError(`no mark named "${name}"`);
+      await this.appendNote(RecordType.UNMARK, 0, { name });
+      this.marks.delete(name);
+      return { name, removed: true };
+    });
   }
 
   private listMarks(): unknown[] {
@@ -617,16 +688,23 @@ export class CdpFilter implements Filter {
     this.checkUsable();
     if (this.env.publishExport === undefined)
       throw new FilterCommandError('this host cannot publish exports: no views');
-    const point = this.resolvePoint(a);
-    await this.waitCompleted(point);
-    const name = a.name ?? this.freeViewName(point);
-    if (this.views.has(name)) throw new FilterCommandError(`a view named "${name}" is open`);
-    const device = new CdpView(this.viewSource(), point);
-    this.env.publishExport(name, device, {
-      readOnly: true,
-      description: `${this.env.exportName} as of point ${point}`,
-    });
-    const v: OpenView = { name, point, device, openedAt: new Date().toISOString() };
+    const { point, pin } = this.pinPoint(a);
+    let device: CdpView;
+    let name: string;
+    try {
+      await this.waitCompleted(point);
+      name = a.name ?? this.freeViewName(point);
+      if (this.views.has(name)) throw new FilterCommandError(`a view named "${name}" is open`);
+      device = new CdpView(this.viewSource(), point);
+      this.env.publishExport(name, device, {
+        readOnly: true,
+        description: `${this.env.exportName} as of point ${point}`,
+      });
+    } catch (err) {
+      this.pins.delete(pin);
+      throw err;
+    }
+    const v: OpenView = { name, point, pin, device, openedAt: new Date().toISOString() };
     this.views.set(name, v);
     this.env.emit('cdp.view-opened', { name, point });
     return { name, point, time: this.pointTime(point) };
@@ -658,6 +736,7 @@ export class CdpFilter implements Filter {
 
   private dropView(v: OpenView): void {
     this.views.delete(v.name);
+    this.pins.delete(v.pin);
     v.device.invalidate('closed');
     this.env.unpublishExport?.(v.name);
     this.env.emit('cdp.view-closed', { name: v.name, point: v.point });
@@ -681,11 +760,21 @@ export class CdpFilter implements Filter {
    * journaled like any change, so the rollback can itself be rolled back (to the mark
    * `before-rollback-N` made first) — the device is flushed, and the requests resume.
    */
-  private async rollbackTo(a: PointArgs & { timeoutMs: number }): Promise<unknown> {
+  private rollbackTo(a: PointArgs & { timeoutMs: number }): Promise<unknown> {
+    return this.serial(() => this.rollbackNow(a));
+  }
+
+  private async rollbackNow(a: PointArgs & { timeoutMs: number }): Promise<unknown> {
     this.checkUsable();
-    if (this.rollback?.state === 'running')
-      throw new FilterCommandError('a rollback is already running');
-    const target = this.resolvePoint(a);
+    const { point: target, pin } = this.pinPoint(a);
+    try {
+      return await this.rollbackPinned(a, target);
+    } finally {
+      this.pins.delete(pin);
+    }
+  }
+
+  private async rollbackPinned(a: { timeoutMs: number }, target: number): Promise<unknown> {
     const below = this.env.deviceBelow;
     if (below === undefined) throw new FilterCommandError('the filter is not in a stack');
     let thaw: () => void;
@@ -696,7 +785,10 @@ export class CdpFilter implements Filter {
         throw new FilterCommandError(`rollback refused, nothing changed: ${err.message}`);
       throw err;
     }
-    const id = ++this.rollbackCount;
+    // A fresh id whose undo mark is free: the mark names the present for the undo.
+    let id = ++this.rollbackCount;
+    while (this.marks.has(`before-rollback-${id}`)) id = ++this.rollbackCount;
+    const before = `before-rollback-${id}`;
     const rb: Rollback = {
       id,
       target,
@@ -705,13 +797,11 @@ export class CdpFilter implements Filter {
       blocksRestored: 0,
       startedAt: new Date().toISOString(),
     };
-    this.rollbackPin = target;
     try {
       await this.waitCompleted(this.seqCounter - 1);
       rb.from = this.seqCounter - 1;
       this.rollback = rb;
-      const before = `before-rollback-${id}`;
-      if (!this.marks.has(before)) await this.appendMark(before, rb.from);
+      await this.appendMark(before, rb.from);
       await this.appendNote(RecordType.ROLLBACK_BEGIN, rb.from, { id, target, from: rb.from });
       this.env.emit('cdp.rollback-started', { id, target, from: rb.from });
       await this.restore(below, target, rb);
@@ -733,10 +823,9 @@ export class CdpFilter implements Filter {
       rb.error = err instanceof Error ? err.message : String(err);
       this.env.emit('cdp.rollback-failed', { id, target, error: rb.error });
       throw new FilterCommandError(
-        `rollback ${id} failed part way (${rb.error}); the export holds a mix of both points: roll back again, to ${target} or to mark before-rollback-${id}`,
+        `rollback ${id} failed part way (${rb.error}); the export holds a mix of both points: roll back again, to ${target} or to mark ${before}`,
       );
     } finally {
-      this.rollbackPin = null;
       thaw();
     }
   }
@@ -745,7 +834,7 @@ export class CdpFilter implements Filter {
   private async restore(below: Device, target: number, rb: Rollback): Promise<void> {
     const B = this.settings.blockSize;
     const size = this.env.below.size;
-    const done = new Set<number>();
+    const done = new BlockSet();
     for (let seq = target + 1; seq <= rb.from; seq++) {
       const row = this.log.row(seq);
       // Runs of this change's blocks that no earlier change after the target restored.
@@ -818,19 +907,31 @@ export class CdpFilter implements Filter {
     return run;
   }
 
-  private async retainOnce(): Promise<void> {
-    const dropped: number[] = [];
+  private retainOnce(): Promise<void> {
+    return this.serial(() => this.retainNow());
+  }
+
+  private async retainNow(): Promise<void> {
+    let dropped = 0;
     for (;;) {
       const segs = this.journal.segments;
-      if (segs.length < 2 || this.closed) break;
+      if (segs.length < 2 || this.closed || this.failure !== null) break;
       const seg = segs[0]!;
-      const pin = this.pinnedPoint();
-      if (seg.lastSeq > pin) break;
+      if (seg.lastSeq > this.pinnedPoint()) break;
       const overBytes = this.journal.bytes > this.settings.keepBytes;
       const overIndex = this.log.blockEntries > this.settings.indexLimit;
       const expired = this.settings.keepMs > 0 && seg.lastSeq <= this.ageOldest();
       if (!overBytes && !overIndex && !expired) break;
-      // Unindex its changes first (in batches, yielding to client I/O), then delete the file.
+      // From here on no view or rollback may ask for a point this segment is needed for.
+      this.droppingThrough = Math.max(this.droppingThrough, seg.lastSeq);
+      // Marks journaled in this segment whose points stay reachable are written again first,
+      // durably, so that a crash in between loses none.
+      for (const [name, m] of [...this.marks]) {
+        if (m.segmentNo !== seg.no) continue;
+        if (m.point < seg.lastSeq) this.marks.delete(name);
+        else await this.appendMark(name, m.point, m.timeMs);
+      }
+      // Unindex its changes (in batches, yielding to client I/O), then delete the file.
       let n = 0;
       while (this.log.rows > 0 && this.log.firstSeq <= seg.lastSeq) {
         this.log.dropOldest();
@@ -838,16 +939,13 @@ export class CdpFilter implements Filter {
       }
       await this.journal.dropOldestSegment();
       this.droppedSegments++;
-      dropped.push(seg.no);
+      dropped++;
     }
-    if (dropped.length === 0) return;
+    if (dropped === 0) return;
     const oldest = this.oldestPoint();
-    for (const [name, m] of this.marks) {
-      if (m.point < oldest) this.marks.delete(name);
-      else if (dropped.includes(m.segmentNo)) await this.appendMark(name, m.point, m.timeMs);
-    }
+    for (const [name, m] of this.marks) if (m.point < oldest) this.marks.delete(name);
     this.env.emit('cdp.retained', {
-      droppedSegments: dropped.length,
+      droppedSegments: dropped,
       oldest,
       journalBytes: this.journal.bytes,
     });
@@ -856,8 +954,7 @@ export class CdpFilter implements Filter {
   /** Views and a running rollback need the changes after their points. */
   private pinnedPoint(): number {
     let pin = Number.MAX_SAFE_INTEGER;
-    for (const v of this.views.values()) if (v.device.isOpen) pin = Math.min(pin, v.point);
-    if (this.rollbackPin !== null) pin = Math.min(pin, this.rollbackPin);
+    for (const p of this.pins.values()) pin = Math.min(pin, p);
     return pin;
   }
 
@@ -875,6 +972,10 @@ export class CdpFilter implements Filter {
     const end = Math.ceil(now / bucketMs) * bucketMs;
     const start = end - Math.ceil((a.minutes * 60_000) / bucketMs) * bucketMs;
     const count = Math.round((end - start) / bucketMs);
+    if (count > MAX_TIMELINE_BUCKETS)
+      throw new FilterCommandError(
+        `timeline: ${count} buckets asked for, at most ${MAX_TIMELINE_BUCKETS}: use fewer minutes or wider buckets`,
+      );
     const buckets = Array.from({ length: count }, (_, i) => ({
       start: new Date(start + i * bucketMs).toISOString(),
       changes: 0,
@@ -939,9 +1040,10 @@ export class CdpFilter implements Filter {
       },
       index: {
         entries: this.log.blockEntries,
-        blocks: this.log.touchedBlocks,
-        // Per entry: a map slot or array element, and per change row 37 bytes of columns.
-        approxBytes: this.log.blockEntries * 48 + this.log.rows * 37,
+        chunks: this.log.touchedChunks,
+        chunkBlocks: this.log.chunkBlocks,
+        // About 8 bytes per list entry and 80 per chunk (map slot, list), 37 per change row.
+        approxBytes: this.log.blockEntries * 8 + this.log.touchedChunks * 80 + this.log.rows * 37,
       },
       retention: this.retentionFacts(),
       marks: this.marks.size,
@@ -959,7 +1061,11 @@ export class CdpFilter implements Filter {
    * reopens the journal — cutting what the failed commit left — and lets writes go again,
    * with the history intact.
    */
-  private async resume(): Promise<unknown> {
+  private resume(): Promise<unknown> {
+    return this.serial(() => this.resumeNow());
+  }
+
+  private async resumeNow(): Promise<unknown> {
     if (this.failure === null) throw new FilterCommandError('the journal has not failed');
     if (this.settings.onError !== 'stop-writes')
       throw new FilterCommandError('the history was lost when the journal failed: reset it');
@@ -981,9 +1087,11 @@ export class CdpFilter implements Filter {
   }
 
   /** Starts a new, empty history (after a failure, or to let the old one go at once). */
-  private async reset(): Promise<unknown> {
-    if (this.rollback?.state === 'running')
-      throw new FilterCommandError('a rollback is running: reset after it');
+  private reset(): Promise<unknown> {
+    return this.serial(() => this.resetNow());
+  }
+
+  private async resetNow(): Promise<unknown> {
     const thaw = await this.gate.exclusive(() => this.gate.freeze(DEFAULT_PAUSE_TIMEOUT_MS));
     try {
       for (const v of [...this.views.values()]) this.dropView(v);
@@ -1019,6 +1127,25 @@ export class CdpFilter implements Filter {
     await this.retentionRunning;
     if (policy === 'discard') await this.journal.destroy();
     else await this.journal.close();
+  }
+}
+
+/** A set of block numbers, as bitmaps of 32768 blocks allocated where blocks are added. */
+class BlockSet {
+  private readonly pages = new Map<number, Uint8Array>();
+
+  has(b: number): boolean {
+    const page = this.pages.get(Math.floor(b / 32768));
+    const i = b % 32768;
+    return page !== undefined && (page[i >> 3]! & (1 << (i & 7))) !== 0;
+  }
+
+  add(b: number): void {
+    const key = Math.floor(b / 32768);
+    let page = this.pages.get(key);
+    if (page === undefined) this.pages.set(key, (page = new Uint8Array(4096)));
+    const i = b % 32768;
+    page[i >> 3]! |= 1 << (i & 7);
   }
 }
 

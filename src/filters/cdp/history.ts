@@ -1,10 +1,13 @@
 /**
  * The cdp filter's in-memory index of its journal: one row per change record (columns in
- * typed arrays, so a million changes cost tens of MiB, not hundreds) and, per block, the
- * sequence numbers of the changes that touched it. The content of block b as of point T is the
- * undo data of the first change after T that touched b — or, when none did, the device's
- * current content. Rows and block lists are added at the new end and dropped at the old end
- * (retention), never in the middle.
+ * typed arrays, so a million changes cost tens of MiB, not hundreds) and, per chunk of
+ * `chunkBlocks` blocks, the sequence numbers of the changes that touched the chunk. The
+ * content of block b as of point T is the undo data of the first change after T that touched
+ * b — or, when none did, the device's current content: found by walking the chunk's list from
+ * the first change after T to the first that covers b. Indexing chunks rather than blocks
+ * bounds the map (a trim of a whole large device is one entry per chunk, and the filter sizes
+ * chunks so that a device has at most 4M of them). Rows and lists grow at the new end and are
+ * dropped at the old end (retention), never in the middle.
  */
 import { assert } from '../../core/errors.js';
 
@@ -23,6 +26,11 @@ export interface ChangeRow {
 
 const INITIAL_ROWS = 1024;
 
+interface SeqList {
+  seqs: number[];
+  head: number;
+}
+
 export class ChangeLog {
   /** Sequence number of row 0 of the arrays; rows before `head` are dropped. */
   private base = 1;
@@ -35,11 +43,24 @@ export class ChangeLog {
   private segment = new Uint32Array(INITIAL_ROWS);
   private kind = new Uint8Array(INITIAL_ROWS);
   /**
-   * Per block, the seqs of the changes that touched it, ascending: a bare number while there
-   * is one (most blocks), an array from the second on.
+   * Per chunk, the seqs of the changes that touched it, ascending: a bare number while there
+   * is one, else a list whose first `head` elements are dropped (a deque, compacted lazily).
    */
-  private readonly byBlock = new Map<number, number | number[]>();
+  private readonly byChunk = new Map<number, number | SeqList>();
   private entries = 0;
+
+  constructor(readonly chunkBlocks = 1) {
+    assert(Number.isSafeInteger(chunkBlocks) && chunkBlocks >= 1, 'chunkBlocks');
+  }
+
+  /** Index entries a change of blocks [start, start + count) costs. */
+  static entriesOf(blockStart: number, blockCount: number, chunkBlocks: number): number {
+    return (
+      Math.floor((blockStart + blockCount - 1) / chunkBlocks) -
+      Math.floor(blockStart / chunkBlocks) +
+      1
+    );
+  }
 
   /** Sequence number of the oldest row kept (equals `nextSeq` when there is none). */
   get firstSeq(): number {
@@ -54,13 +75,13 @@ export class ChangeLog {
     return this.tail - this.head;
   }
 
-  /** Block-list entries held: the index's size (about 16 bytes each, plus per-block maps). */
+  /** Chunk-list entries held: the index's size. */
   get blockEntries(): number {
     return this.entries;
   }
 
-  get touchedBlocks(): number {
-    return this.byBlock.size;
+  get touchedChunks(): number {
+    return this.byChunk.size;
   }
 
   /** Starts an empty log whose next change is `seq` (a new or fully expired history). */
@@ -82,13 +103,15 @@ export class ChangeLog {
     this.count[i] = r.blockCount;
     this.segment[i] = r.segmentNo;
     this.kind[i] = (r.op << 4) | r.type;
-    for (let b = r.blockStart; b < r.blockStart + r.blockCount; b++) {
-      const list = this.byBlock.get(b);
-      if (list === undefined) this.byBlock.set(b, r.seq);
-      else if (typeof list === 'number') this.byBlock.set(b, [list, r.seq]);
-      else list.push(r.seq);
+    const C = this.chunkBlocks;
+    const last = Math.floor((r.blockStart + r.blockCount - 1) / C);
+    for (let c = Math.floor(r.blockStart / C); c <= last; c++) {
+      const list = this.byChunk.get(c);
+      if (list === undefined) this.byChunk.set(c, r.seq);
+      else if (typeof list === 'number') this.byChunk.set(c, { seqs: [list, r.seq], head: 0 });
+      else list.seqs.push(r.seq);
+      this.entries++;
     }
-    this.entries += r.blockCount;
   }
 
   /** Drops the oldest row; its seq must be `firstSeq`. */
@@ -96,20 +119,28 @@ export class ChangeLog {
     assert(this.rows > 0, 'dropping from an empty change log');
     const i = this.head;
     const seq = this.base + i;
+    const C = this.chunkBlocks;
     const from = this.start[i]!;
-    const n = this.count[i]!;
-    for (let b = from; b < from + n; b++) {
-      const list = this.byBlock.get(b);
+    const last = Math.floor((from + this.count[i]! - 1) / C);
+    for (let c = Math.floor(from / C); c <= last; c++) {
+      const list = this.byChunk.get(c);
+      this.entries--;
       if (typeof list === 'number') {
-        assert(list === seq, `block ${b} does not start with change ${seq}`);
-        this.byBlock.delete(b);
+        assert(list === seq, `chunk ${c} does not start with change ${seq}`);
+        this.byChunk.delete(c);
         continue;
       }
-      assert(list !== undefined && list[0] === seq, `block ${b} does not start with change ${seq}`);
-      list.shift();
-      if (list.length === 1) this.byBlock.set(b, list[0]!);
+      assert(
+        list !== undefined && list.seqs[list.head] === seq,
+        `chunk ${c} does not start with change ${seq}`,
+      );
+      list.head++;
+      if (list.head === list.seqs.length - 1) this.byChunk.set(c, list.seqs[list.head]!);
+      else if (list.head > 32 && list.head * 2 > list.seqs.length) {
+        list.seqs = list.seqs.slice(list.head);
+        list.head = 0;
+      }
     }
-    this.entries -= n;
     this.head++;
     if (this.head === this.tail) {
       this.base += this.head;
@@ -145,18 +176,26 @@ export class ChangeLog {
 
   /** The first change after point `point` that touched `block`, or -1 if none did. */
   firstChangeAfter(block: number, point: number): number {
-    const list = this.byBlock.get(block);
+    const list = this.byChunk.get(Math.floor(block / this.chunkBlocks));
     if (list === undefined) return -1;
-    if (typeof list === 'number') return list > point ? list : -1;
-    if (list[list.length - 1]! <= point) return -1;
-    let lo = 0;
-    let hi = list.length - 1;
+    if (typeof list === 'number') return list > point && this.covers(list, block) ? list : -1;
+    const seqs = list.seqs;
+    if (seqs[seqs.length - 1]! <= point) return -1;
+    let lo = list.head;
+    let hi = seqs.length - 1;
     while (lo < hi) {
       const mid = (lo + hi) >> 1;
-      if (list[mid]! > point) hi = mid;
+      if (seqs[mid]! > point) hi = mid;
       else lo = mid + 1;
     }
-    return list[lo]!;
+    for (let k = lo; k < seqs.length; k++) if (this.covers(seqs[k]!, block)) return seqs[k]!;
+    return -1;
+  }
+
+  private covers(seq: number, block: number): boolean {
+    const i = seq - this.base;
+    const start = this.start[i]!;
+    return start <= block && block < start + this.count[i]!;
   }
 
   /** The last change made at or before `timeMs` (times never decrease), or firstSeq - 1. */

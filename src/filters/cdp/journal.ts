@@ -58,6 +58,8 @@ export interface SegmentInfo {
   bytes: number;
   /** Change records it holds, and the last one's seq (firstSeq - 1 if none). */
   changes: number;
+  /** Sum of its records' weights. */
+  weight: number;
   lastSeq: number;
 }
 
@@ -83,6 +85,9 @@ export interface OpenOptions {
   size: number;
   blockSize: number;
   segmentBytes: number;
+  /** A segment also ends when the weights of its records reach this (the index they cost). */
+  segmentWeight: number;
+  weightOf(h: RecordHeader): number;
   logger: Logger;
   /** Called for each valid record found, in journal order. */
   onRecord(h: RecordHeader, at: RecordLocation, payload: Buffer | null): void;
@@ -112,6 +117,8 @@ export class Journal {
     readonly historyId: string,
     readonly blockSize: number,
     private readonly segmentBytes: number,
+    private readonly segmentWeight: number,
+    private readonly weightOf: (h: RecordHeader) => number,
     readonly segments: SegmentInfo[],
     private readonly unlock: () => Promise<void>,
     private readonly logger: Logger,
@@ -154,8 +161,15 @@ export class Journal {
         notes: [],
       };
       if (metaBytes === null) {
-        if (names.length > 0)
-          throw new Error(`${o.dir} holds journal segments but no meta file: not opening it`);
+        if (names.length > 0) {
+          // The history was given up (a journal failure, with writes served unjournaled after
+          // it) or its deletion was cut short: its segments describe nothing any more.
+          report.notes.push(
+            `${names.length} segment(s) of a history given up (no meta file) removed: a new history starts`,
+          );
+          for (const { n } of names) await fs.promises.rm(join(o.dir, n), { force: true });
+          names.length = 0;
+        }
         historyId = randomUUID();
         await writeFileAtomic(
           o.dir,
@@ -177,6 +191,8 @@ export class Journal {
         historyId,
         blockSize,
         o.segmentBytes,
+        o.segmentWeight,
+        o.weightOf,
         segments,
         unlock,
         o.logger,
@@ -218,6 +234,7 @@ export class Journal {
         firstSeq: 0,
         createdMs: 0,
         bytes: 0,
+        weight: 0,
         changes: 0,
         lastSeq: 0,
       };
@@ -310,6 +327,7 @@ export class Journal {
       if (isChange) {
         seg.lastSeq = h.seq;
         seg.changes++;
+        seg.weight += this.weightOf(h);
       }
       onRecord(h, { segmentNo: seg.no, payloadPos }, isChange ? null : payload);
       report.records++;
@@ -346,6 +364,7 @@ export class Journal {
       firstSeq,
       createdMs,
       bytes: SEGMENT_HEADER_BYTES,
+      weight: 0,
       changes: 0,
       lastSeq: firstSeq - 1,
     });
@@ -390,8 +409,10 @@ export class Journal {
 
   private async commit(batch: Pending[]): Promise<RecordLocation[]> {
     const bytes = batch.reduce((n, p) => n + RECORD_HEADER_BYTES + p.header.payloadBytes, 0);
+    const weight = batch.reduce((n, p) => n + this.weightOf(p.header), 0);
     let seg = this.active;
-    if (seg.bytes + bytes > this.segmentBytes && seg.bytes > SEGMENT_HEADER_BYTES) {
+    const full = seg.bytes + bytes > this.segmentBytes || seg.weight + weight > this.segmentWeight;
+    if (full && seg.bytes > SEGMENT_HEADER_BYTES) {
       await this.roll(seg.no + 1, seg.lastSeq + 1);
       seg = this.active;
     }
@@ -417,6 +438,7 @@ export class Journal {
     await pwritevFull(seg.fd, bufs, seg.bytes);
     await fdatasync(seg.fd);
     seg.bytes = at;
+    seg.weight += weight;
     seg.changes += changes;
     seg.lastSeq = lastSeq;
     this.commits++;
@@ -456,11 +478,21 @@ export class Journal {
     await this.unlock();
   }
 
-  /** Closes and deletes the whole journal (the `discard` removal policy). */
+  /**
+   * Marks the history lost on disk (its meta file removed, durably), so that no later open
+   * takes its segments for a whole history. An unlink works even on a full disk.
+   */
+  async giveUp(): Promise<void> {
+    await fs.promises.rm(join(this.dir, META_FILE), { force: true });
+    await fsyncDir(this.dir);
+  }
+
+  /** Closes and deletes the whole journal (the `discard` removal policy, a reset). */
   async destroy(): Promise<void> {
     await this.close();
+    // The meta file first: a crash part way leaves segments that the next open removes.
+    await this.giveUp();
     for (const s of this.segments) await fs.promises.rm(s.path, { force: true });
-    await fs.promises.rm(join(this.dir, META_FILE), { force: true });
   }
 
   private async closeFds(): Promise<void> {
