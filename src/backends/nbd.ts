@@ -125,8 +125,7 @@ export class NbdBackend implements Device {
 
   /** Connects (the first connection must succeed) and opens the others in the background. */
   static async open(uri: string, opts: NbdBackendOptions = {}): Promise<NbdBackend> {
-    const u = parseNbdUri(uri);
-    if (u.tls) throw new Error(`${uri}: TLS (nbds) is not supported for a remote backend yet`);
+    parseNbdUri(uri); // a malformed URI fails here, before the argument checks below
     const wanted = opts.connections ?? 4;
     if (!Number.isInteger(wanted) || wanted < 1 || wanted > MAX_CONNECTIONS)
       throw new Error(`connections must be 1 to ${MAX_CONNECTIONS}, got ${wanted}`);

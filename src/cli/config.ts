@@ -25,6 +25,8 @@ import type { FilterTypeRegistry } from '../core/filter-types.js';
 import { parseSize } from '../core/size.js';
 import { ConfigError } from './errors.js';
 import { validateExportName, type ExportSpec, type FilterSpec } from './export-spec.js';
+import { EXPORT_TLS_POLICIES, type ExportTlsPolicy } from '../nbd/tls-policy.js';
+import { tlsSettingsFromConfig, type PartialTlsSettings } from './tls-options.js';
 
 export interface DaemonConfig {
   socket?: string;
@@ -35,6 +37,8 @@ export interface DaemonConfig {
   control?: string | false;
   /** Filter modules (paths resolved against the config file's directory, or package names). */
   filterModules: string[];
+  /** TLS settings (paths resolved against the config file's directory). */
+  tls?: PartialTlsSettings;
 }
 
 export { ConfigError };
@@ -46,6 +50,7 @@ const TOP_KEYS = new Set([
   'filterModules',
   'defaultExport',
   'exports',
+  'tls',
 ]);
 const EXPORT_KEYS = new Set([
   'file',
@@ -57,6 +62,7 @@ const EXPORT_KEYS = new Set([
   'create',
   'description',
   'filters',
+  'tls',
 ]);
 const FILTER_KEYS = new Set(['type', 'name', 'args']);
 /** Filter names, as the manager accepts them. */
@@ -114,6 +120,11 @@ export function parseConfig(text: string, source: string): DaemonConfig {
       config.filterModules.push(isPath ? resolve(dirname(resolve(source)), spec) : spec);
     });
   }
+  if (top.tls !== undefined) {
+    const tls = tlsSettingsFromConfig(top.tls, dirname(resolve(source)));
+    if (Array.isArray(tls)) fail(['tls', ...tls[0]], tls[1]);
+    else config.tls = tls;
+  }
   if (top.listen !== undefined) {
     const list = Array.isArray(top.listen) ? top.listen : [top.listen];
     list.forEach((l, i) => {
@@ -143,6 +154,11 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     }
     if (d.description !== undefined && typeof d.description !== 'string')
       fail(at('description'), 'expected text');
+    if (
+      d.tls !== undefined &&
+      (typeof d.tls !== 'string' || !(EXPORT_TLS_POLICIES as readonly string[]).includes(d.tls))
+    )
+      fail(at('tls'), `expected ${EXPORT_TLS_POLICIES.join(' or ')}`);
     const size = (key: string): number => {
       const v = d[key];
       if (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0) return v;
@@ -158,6 +174,7 @@ export function parseConfig(text: string, source: string): DaemonConfig {
     const spec: ExportSpec = { name, backend: { type: 'memory', size: 0 } };
     if (d.readOnly === true) spec.readOnly = true;
     if (typeof d.description === 'string') spec.description = d.description;
+    if (d.tls !== undefined) spec.tls = d.tls as ExportTlsPolicy;
     if ([d.file, d.memory, d.nbd].filter((x) => x !== undefined).length !== 1)
       fail(at(), 'needs exactly one of file: PATH, memory: SIZE or nbd: URI');
     if (d.connections !== undefined && d.nbd === undefined)

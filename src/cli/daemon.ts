@@ -12,6 +12,7 @@ import { builtinFilterTypes } from '../filters/index.js';
 import { ExportTable } from '../nbd/exports.js';
 import { exportSource } from './export-source.js';
 import { NbdServer } from '../nbd/server.js';
+import { loadTlsCredentials, type NbdTlsOptions, type TlsSettings } from '../nbd/tls.js';
 import { ControlServer } from '../control/server.js';
 import type { NbdListener } from '../control/methods.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/server.js';
@@ -47,6 +48,8 @@ export interface DaemonOptions {
   controlIsDefault?: boolean;
   /** Serve Prometheus metrics of the stats filters over HTTP here. */
   metrics?: { host: string; port: number };
+  /** TLS for NBD clients (mode other than off); none when undefined. */
+  tls?: TlsSettings;
 }
 
 export interface RunningDaemon {
@@ -80,6 +83,12 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   }
   // Declared filters are checked before anything is opened, so a typo costs nothing.
   checkFilterSpecs(opts.exports, types);
+  // So are the TLS credentials: a missing or bad file stops the start with its name.
+  let tls: NbdTlsOptions | undefined;
+  if (opts.tls !== undefined && opts.tls.mode !== 'off') {
+    tls = { mode: opts.tls.mode, credentials: loadTlsCredentials(opts.tls) };
+    log.info({ mode: tls.mode, kind: tls.credentials.kind }, 'TLS ready');
+  }
   const manager = new DeviceManager(types, log);
   const table = new ExportTable();
   try {
@@ -97,7 +106,13 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
         ...description,
       });
       // The NBD layer sees the live stack: filters come and go beneath it.
-      table.add({ name: spec.name, device: exp.stack, readOnly, ...description });
+      table.add({
+        name: spec.name,
+        device: exp.stack,
+        readOnly,
+        ...description,
+        ...(spec.tls !== undefined ? { tls: spec.tls } : {}),
+      });
       log.info(
         { export: spec.name, backend: spec.backend, size: device.info().size, readOnly },
         'export ready',
@@ -133,6 +148,7 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
     exports: exportSource(table, manager),
     logger: log,
     allowList: opts.allowList,
+    ...(tls !== undefined ? { tls } : {}),
   });
   let resolveStopped!: () => void;
   const stopped = new Promise<void>((resolve) => (resolveStopped = resolve));
@@ -235,6 +251,10 @@ async function startControl(
       version: VERSION,
       startedAt: Date.now(),
       nbdConnections: () => server.connectionCount,
+      nbdTls: () => ({
+        mode: opts.tls?.mode ?? 'off',
+        connections: server.tlsConnectionCount,
+      }),
       nbdListeners: listeners,
       loadModule: async (spec, cwd) => {
         const loaded = await types.load(spec, cwd);

@@ -6,12 +6,17 @@ import type { ExportSource, ExportTable, NbdExport } from '../nbd/exports.js';
  * they run (snapshot images such as "disk@monday"), looked up at negotiation time.
  */
 export function exportSource(table: ExportTable, manager: DeviceManager): ExportSource {
-  const toNbd = (p: PublishedExport): NbdExport => ({
-    name: p.name,
-    device: p.device,
-    readOnly: p.readOnly,
-    ...(p.description !== undefined ? { description: p.description } : {}),
-  });
+  const toNbd = (p: PublishedExport): NbdExport => {
+    // A snapshot of a TLS-only export is TLS-only too: it holds the same bytes.
+    const tls = table.lookup(p.owner.export)?.tls;
+    return {
+      name: p.name,
+      device: p.device,
+      readOnly: p.readOnly,
+      ...(p.description !== undefined ? { description: p.description } : {}),
+      ...(tls !== undefined ? { tls } : {}),
+    };
+  };
   return {
     lookup: (name) => {
       const own = table.lookup(name);

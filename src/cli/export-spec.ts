@@ -5,6 +5,7 @@
 import type { Logger } from 'pino';
 import type { Device } from '../core/device.js';
 import { parseSize } from '../core/size.js';
+import { EXPORT_TLS_POLICIES, type ExportTlsPolicy } from '../nbd/tls-policy.js';
 
 export type BackendSpec =
   | { type: 'file'; path: string; direct?: boolean; create?: number }
@@ -16,6 +17,8 @@ export interface ExportSpec {
   backend: BackendSpec;
   readOnly?: boolean;
   description?: string;
+  /** Whether clients must use TLS to open it; absent: the server's default. */
+  tls?: ExportTlsPolicy;
   /** Filters to put on the export at start, top → bottom. */
   filters?: FilterSpec[];
 }
@@ -35,7 +38,7 @@ export interface FilterSpec {
 export const EXPORT_SPEC_HELP =
   'NAME=file:PATH, NAME=memory:SIZE or NAME=nbd:URI (an export of another NBD server), then ' +
   'comma-separated options: readonly, direct (file), create=SIZE (file: create a sparse file ' +
-  'if missing), connections=N (nbd: 1-16, default 4), description=TEXT';
+  'if missing), connections=N (nbd: 1-16, default 4), description=TEXT, tls=required|optional';
 
 /** Parses `NAME=TYPE:ARG[,option...]`; throws an Error that says what is wrong. */
 export function parseExportSpec(text: string): ExportSpec {
@@ -66,7 +69,13 @@ export function parseExportSpec(text: string): ExportSpec {
       if (!/^\d+$/.test(value) || connections < 1 || connections > 16)
         throw new Error(`invalid export ${JSON.stringify(text)}: connections must be 1 to 16`);
     } else if (key === 'description' && value !== undefined) spec.description = value;
-    else
+    else if (key === 'tls' && value !== undefined) {
+      if (!(EXPORT_TLS_POLICIES as readonly string[]).includes(value))
+        throw new Error(
+          `invalid export ${JSON.stringify(text)}: tls must be ${EXPORT_TLS_POLICIES.join(' or ')}`,
+        );
+      spec.tls = value as ExportTlsPolicy;
+    } else
       throw new Error(
         `invalid export ${JSON.stringify(text)}: unknown option ${JSON.stringify(option)}`,
       );

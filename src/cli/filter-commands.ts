@@ -442,7 +442,11 @@ export function addClientCommands(program: Command): void {
       }
       process.stdout.write(
         `devfilter ${daemon.version}, pid ${daemon.pid}, up ${formatDuration(daemon.uptimeSeconds)}, ` +
-          `${daemon.connections} NBD connection(s), control ${daemon.controlSocket ?? '-'}\n`,
+          `${daemon.connections} NBD connection(s)` +
+          (daemon.tls !== undefined && daemon.tls.mode !== 'off'
+            ? ` (${daemon.tls.connections} over TLS, tls ${daemon.tls.mode})`
+            : '') +
+          `, control ${daemon.controlSocket ?? '-'}\n`,
       );
       process.stdout.write(`filter types: ${daemon.filterTypes.join(', ') || 'none'}\n\n`);
       process.stdout.write(
@@ -563,6 +567,8 @@ interface DaemonStatus {
   pid: number;
   uptimeSeconds: number;
   connections: number;
+  /** The NBD server's TLS mode and connections over TLS (daemons that know TLS). */
+  tls?: { mode: string; connections: number };
   controlSocket: string | null;
   filterTypes: string[];
 }

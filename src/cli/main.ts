@@ -28,6 +28,13 @@ import { addMirrorCommands } from './mirror-commands.js';
 import { addCdpCommands } from './cdp-commands.js';
 import { addAuditCommands } from './audit-commands.js';
 import { parseListenAddress } from './listen-address.js';
+import {
+  parseTlsMode,
+  resolveTlsSettings,
+  tlsSettingsFromFlags,
+  TLS_OPTION_HELP as TLS_HELP,
+  type PartialTlsSettings,
+} from './tls-options.js';
 import type { Level } from 'pino';
 import { EXIT_CODES_HELP, EXIT_FAILURE, EXIT_USAGE, ExitError, UsageError } from './output.js';
 import { VERSION } from './version.js';
@@ -124,6 +131,13 @@ function program(): Command {
         }
       },
     )
+    .option('--tls <mode>', TLS_HELP.mode, parseTlsMode)
+    .option('--tls-certificates <dir>', TLS_HELP.certificates)
+    .option('--tls-cert <file>', TLS_HELP.cert)
+    .option('--tls-key <file>', TLS_HELP.key)
+    .option('--tls-ca <file>', TLS_HELP.ca)
+    .option('--tls-verify-peer', TLS_HELP.verifyPeer)
+    .option('--tls-psk <file>', TLS_HELP.psk)
     .addOption(logLevelOption())
     .addHelpText(
       'after',
@@ -154,6 +168,7 @@ Examples:
       const filterModules: string[] = [...(o.filterModule ?? [])];
       // --control PATH, --no-control (false), or nothing (undefined).
       let control: string | false | undefined = o.control === true ? undefined : o.control;
+      let tlsFromConfig: PartialTlsSettings | undefined;
       if (o.config !== undefined) {
         const { loadConfig } = await import('./config.js');
         const config = await loadConfig(o.config);
@@ -163,7 +178,13 @@ Examples:
         defaultExport ??= config.defaultExport;
         control ??= config.control;
         filterModules.unshift(...config.filterModules);
+        tlsFromConfig = config.tls;
       }
+      const tls = resolveTlsSettings(
+        tlsFromConfig,
+        tlsSettingsFromFlags(o),
+        exports.filter((e) => e.tls === 'required').map((e) => e.name),
+      );
       const names = new Set<string>();
       for (const e of exports) {
         if (names.has(e.name))
@@ -206,6 +227,7 @@ Examples:
         ...(o.metrics !== undefined
           ? { metrics: o.metrics as { host: string; port: number } }
           : {}),
+        ...(tls !== undefined ? { tls } : {}),
       });
     });
 

@@ -25,6 +25,8 @@ export interface ControlContext {
   readonly startedAt: number;
   /** Open NBD connections. */
   nbdConnections(): number;
+  /** The NBD server's TLS mode and how many open connections use TLS. */
+  nbdTls?(): { mode: string; connections: number };
   /** Where clients reach the NBD server (unix socket paths, TCP addresses); for tools. */
   nbdListeners?(): NbdListener[];
   /** Loads filter types from an ES module path or package name; returns the type names. */
@@ -147,6 +149,7 @@ export const methods: Record<MethodName, Method> = {
       exports: exports.length,
       filters: exports.reduce((n, e) => n + e.stack.filters().length, 0),
       connections: ctx.nbdConnections(),
+      ...(ctx.nbdTls !== undefined ? { tls: ctx.nbdTls() } : {}),
       listeners: ctx.nbdListeners?.() ?? [],
       controlConnections: session.controlConnections,
       controlSocket: session.controlPath ?? null,

@@ -80,6 +80,15 @@ export interface ClientInfo {
   readonly port?: number;
   readonly uid?: number;
   readonly gid?: number;
+  /** The connection was upgraded to TLS (NBD_OPT_STARTTLS). */
+  readonly tls?: boolean;
+  /**
+   * The subject of the client's certificate, verified against the server's CA, most specific
+   * part first: "CN=alice,O=Example" (as `openssl x509 -subject -nameopt RFC2253` prints it).
+   */
+  readonly tlsSubject?: string;
+  /** The PSK identity the client authenticated with. */
+  readonly pskIdentity?: string;
 }
 
 export interface IoContext {

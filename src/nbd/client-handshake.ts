@@ -13,6 +13,7 @@
  */
 
 import net from 'node:net';
+import tls from 'node:tls';
 import type { BlockSizeLimits } from '../core/device.js';
 import { ByteFifo } from './byte-fifo.js';
 import {
@@ -59,6 +60,12 @@ export interface NbdTransportOptions {
    * the socket is destroyed and the pending step rejects with NbdConnectionError.
    */
   connectTimeoutMs?: number;
+  /**
+   * Upgrade to TLS with NBD_OPT_STARTTLS before any other option (as a client that insists on
+   * TLS should), with these options for Node's tls.connect. A server that refuses fails the
+   * connection: there is no falling back to plain text.
+   */
+  tls?: tls.ConnectionOptions;
 }
 
 export interface NbdNegotiationOptions {
@@ -216,7 +223,8 @@ function parseInfoReplies(option: number, replies: readonly OptionReply[]): Expo
  * failure (EOF, socket error, timeout) is sticky and rejects the pending and all later reads.
  */
 export class NbdHandshake {
-  readonly socket: net.Socket;
+  /** The plain socket, or the TLS socket once startTls() succeeded. */
+  socket: net.Socket;
   /** Server handshake flags (u16) from the greeting. */
   handshakeFlags = 0;
   /** Client flags we sent (u32). */
@@ -281,11 +289,58 @@ export class NbdHandshake {
     }
   }
 
-  /** `open()` plus the client flags a normal client sends. */
+  /** `open()` plus the client flags a normal client sends, and STARTTLS if asked for. */
   static async start(opts: NbdTransportOptions): Promise<NbdHandshake> {
     const hs = await NbdHandshake.open(opts);
     hs.sendClientFlags();
+    if (opts.tls !== undefined) {
+      try {
+        await hs.startTls(opts.tls);
+      } catch (err) {
+        hs.close();
+        throw err;
+      }
+    }
     return hs;
+  }
+
+  /**
+   * NBD_OPT_STARTTLS, then the TLS handshake on the same socket; later options and the
+   * transmission phase run over TLS. Rejects (NbdOptionError) if the server will not, or with
+   * the TLS error if the handshake fails.
+   */
+  async startTls(options: tls.ConnectionOptions): Promise<void> {
+    if (!this.fixedNewstyle)
+      throw new NbdProtocolError('server does not support fixed newstyle, so no TLS either');
+    this.sendOption(Opt.STARTTLS);
+    const replies = await this.readReplies(Opt.STARTTLS);
+    if (replies.length > 0)
+      throw new NbdProtocolError(`NBD_OPT_STARTTLS: ${repName(replies[0]!.type)} before ACK`);
+    if (this.queue.length > 0)
+      throw new NbdProtocolError('server sent data after acknowledging NBD_OPT_STARTTLS');
+    const plain = this.socket;
+    // The bytes are TLS's from here: the plain socket's reader steps aside.
+    plain.off('data', this.onData);
+    plain.off('end', this.onClose);
+    const secure = await new Promise<tls.TLSSocket>((resolve, reject) => {
+      const s = tls.connect({ ...options, socket: plain });
+      const fail = (err: Error): void => {
+        s.destroy();
+        reject(new NbdConnectionError(`TLS handshake failed: ${err.message}`, { cause: err }));
+      };
+      s.once('error', fail);
+      s.once('secureConnect', () => {
+        s.off('error', fail);
+        resolve(s);
+      });
+    });
+    plain.off('error', this.onError);
+    plain.off('close', this.onClose);
+    this.socket = secure;
+    secure.on('data', this.onData);
+    secure.on('error', this.onError);
+    secure.on('close', this.onClose);
+    secure.on('end', this.onClose);
   }
 
   get fixedNewstyle(): boolean {

@@ -1,7 +1,7 @@
 /**
  * NBD URIs (doc/uri.md of the NBD project): `nbd://host[:port]/name` and
- * `nbd+unix:///name?socket=PATH`, plus the TLS variants `nbds://` and `nbds+unix://`, which
- * this client recognises but cannot honour.
+ * `nbd+unix:///name?socket=PATH`, plus the TLS variants `nbds://` and `nbds+unix://`
+ * (STARTTLS, required; see client-tls.ts for the TLS parameters).
  *
  * Parsed by hand rather than with WHATWG `URL`: `URL` normalises `.`/`..` segments (even
  * percent-encoded ones) and its query parser turns `+` into a space, both of which would
@@ -12,7 +12,7 @@ import { NBD_DEFAULT_PORT } from './protocol.js';
 
 export interface NbdUri {
   transport: 'tcp' | 'unix';
-  /** The URI asked for TLS (`nbds` schemes): a client without TLS must refuse it. */
+  /** The URI asked for TLS (`nbds` schemes): TLS is then required, never optional. */
   tls: boolean;
   /** TCP only; IPv6 literals without their brackets. */
   host?: string;

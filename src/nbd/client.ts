@@ -22,6 +22,7 @@ import {
 } from './client-handshake.js';
 import { ReplyReader, type BlockExtent, type InFlight, type NbdReply } from './client-replies.js';
 import { parseNbdUri } from './client-uri.js';
+import { clientTlsOptions } from './client-tls.js';
 import { Cmd, REQUEST_HEADER_SIZE, REQUEST_MAGIC, TFlag } from './protocol.js';
 
 export {
@@ -148,17 +149,19 @@ export class NbdClient {
   }
 
   /**
-   * Connects to an `nbd://` or `nbd+unix://` URI; `options` may add negotiation settings (the
-   * export name comes from the URI). TLS URIs are refused: this client has no TLS.
+   * Connects to an `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://` URI (TLS parameters:
+   * src/nbd/client-tls.ts); `options` may add negotiation settings (the export name comes from
+   * the URI).
    */
   static async fromUri(
     uri: string,
     options: Omit<NbdConnectOptions, 'path' | 'host' | 'port' | 'socket' | 'exportName'> = {},
   ): Promise<NbdClient> {
     const u = parseNbdUri(uri);
-    if (u.tls) throw new Error(`${uri}: TLS (nbds) is not supported by this client`);
     const where = u.transport === 'unix' ? { path: u.path! } : { host: u.host!, port: u.port! };
-    return NbdClient.connect({ ...options, ...where, exportName: u.exportName });
+    // nbds: TLS or nothing; the files named by the URI are read at each connect.
+    const tls = u.tls ? { tls: clientTlsOptions(u) } : {};
+    return NbdClient.connect({ ...options, ...where, ...tls, exportName: u.exportName });
   }
 
   /** Requests sent and not yet answered. */

@@ -1,4 +1,5 @@
 import type { Device } from '../core/device.js';
+import type { ExportTlsPolicy } from './tls-policy.js';
 
 /** A named device that NBD clients open. */
 export interface NbdExport {
@@ -7,6 +8,11 @@ export interface NbdExport {
   /** Refuse every write regardless of what the device could do. */
   readonly readOnly?: boolean;
   readonly device: Device;
+  /**
+   * Whether a client must be on TLS to open it; absent: the server's default (required when
+   * the server's TLS mode is `require`, optional when `on`). Meaningless without TLS.
+   */
+  readonly tls?: ExportTlsPolicy;
 }
 
 /**

@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { hasStatusContext, type DeviceInfo } from '../core/device.js';
 import { ByteQueue } from './byte-queue.js';
 import type { ExportSource, NbdExport } from './exports.js';
+import { upgradeToTls, type NbdTlsOptions, type TlsPeerIdentity } from './tls.js';
 import {
   BASE_ALLOCATION,
   FLAG_C_FIXED_NEWSTYLE,
@@ -34,6 +35,10 @@ export interface NegotiationOptions {
   allowList: boolean;
   /** True once the server is shutting down: options get ERR_SHUTDOWN. */
   isShuttingDown: () => boolean;
+  /** TLS offered or required; absent: NOTLS (STARTTLS gets ERR_POLICY). */
+  tls?: NbdTlsOptions;
+  /** Called with the TLS socket once STARTTLS succeeded (it replaces the plain one). */
+  onTlsUpgrade?: (socket: Socket) => void;
 }
 
 /** What the transmission phase needs to know about a negotiated connection. */
@@ -47,6 +52,10 @@ export interface Negotiated {
   readonly transmissionFlags: number;
   /** Bytes that arrived after the final option, already belonging to transmission. */
   readonly leftover: Buffer[];
+  /** The socket transmission runs on: the TLS socket after STARTTLS, else the plain one. */
+  readonly socket: Socket;
+  /** Present when the connection runs over TLS: what the client proved in the handshake. */
+  readonly tls?: TlsPeerIdentity;
 }
 
 /** Context ids remembered per negotiation before the table starts over (see metaContext). */
@@ -58,6 +67,16 @@ const KNOWN_CLIENT_FLAGS = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
 const ABORT_GRACE_MS = 5000;
 
 class ProtocolViolation extends Error {}
+
+/**
+ * How one connection treats TLS, decided when it starts and kept for its life (the spec wants
+ * one mode per connection): NOTLS, FORCEDTLS (nothing but STARTTLS and ABORT before TLS), or
+ * SELECTIVETLS (TLS at the client's choice, needed only to open TLS-only exports).
+ */
+type ConnectionTlsMode = 'notls' | 'forced' | 'selective';
+
+/** Marks the STARTTLS option that is to be acknowledged and followed by the TLS handshake. */
+const STARTTLS = Symbol('starttls');
 
 export function transmissionFlags(
   info: DeviceInfo,
@@ -95,8 +114,14 @@ function availableContexts(info: DeviceInfo): string[] {
 }
 
 export class Negotiator {
-  private readonly queue: ByteQueue;
+  private queue: ByteQueue;
+  private socket: Socket;
   private structured = false;
+  private tlsMode: ConnectionTlsMode = 'notls';
+  /** Set once the TLS handshake succeeded: what the client proved. */
+  private tlsPeer: TlsPeerIdentity | undefined;
+  /** Some export needs TLS: before TLS, unknown names are refused like TLS-only ones. */
+  private anyTlsOnly = false;
   private noZeroes = false;
   /** Contexts chosen by the last SET_META_CONTEXT, and the export they were chosen for. */
   private selected: { exportName: string; contexts: Map<number, string> } | undefined;
@@ -104,9 +129,10 @@ export class Negotiator {
   private readonly contextIds = new Map<string, number>();
 
   constructor(
-    private readonly socket: Socket,
+    socket: Socket,
     private readonly opts: NegotiationOptions,
   ) {
+    this.socket = socket;
     // Room for the largest option we accept plus its header.
     this.queue = new ByteQueue(socket, MAX_OPTION_BYTES + 64);
   }
@@ -114,7 +140,14 @@ export class Negotiator {
   async run(): Promise<Negotiated | null> {
     try {
       const session = await this.negotiate();
-      return session === null ? null : { ...session, leftover: this.queue.detach() };
+      return session === null
+        ? null
+        : {
+            ...session,
+            leftover: this.queue.detach(),
+            socket: this.socket,
+            ...(this.tlsPeer !== undefined ? { tls: this.tlsPeer } : {}),
+          };
     } catch (err) {
       if (err instanceof ProtocolViolation) {
         this.opts.logger.warn({ reason: err.message }, 'negotiation: client violated the protocol');
@@ -141,6 +174,7 @@ export class Negotiator {
     // Without C_FIXED_NEWSTYLE we still speak fixed newstyle: every client that omits it
     // only sends options that plain newstyle also has, and we never send TLS errors.
     this.noZeroes = (cflags & FLAG_C_NO_ZEROES) !== 0;
+    this.chooseTlsMode((cflags & FLAG_C_FIXED_NEWSTYLE) !== 0);
 
     for (;;) {
       const header = await this.queue.read(16);
@@ -172,12 +206,26 @@ export class Negotiator {
         continue;
       }
       const done = this.handleOption(option, data);
+      if (done === STARTTLS) {
+        if (!(await this.startTls())) return null;
+        continue;
+      }
       if (done !== undefined) return done;
     }
   }
 
-  /** Returns a session when the option ends negotiation. */
-  private handleOption(option: number, data: Buffer): Negotiated | undefined {
+  /** Returns a session when the option ends negotiation, STARTTLS when TLS is to begin. */
+  private handleOption(option: number, data: Buffer): Negotiated | typeof STARTTLS | undefined {
+    if (this.tlsMode === 'forced' && this.tlsPeer === undefined && option !== Opt.STARTTLS) {
+      // FORCEDTLS: EXPORT_NAME cannot be refused with an error, so the connection ends.
+      if (option === Opt.EXPORT_NAME) throw new ProtocolViolation('EXPORT_NAME before TLS');
+      this.replyError(
+        option,
+        Rep.ERR_TLS_REQD,
+        'this server requires TLS: send NBD_OPT_STARTTLS first',
+      );
+      return undefined;
+    }
     switch (option) {
       case Opt.EXPORT_NAME:
         return this.exportName(data);
@@ -186,7 +234,13 @@ export class Negotiator {
         return undefined;
       case Opt.STARTTLS:
         if (data.length !== 0) this.replyError(option, Rep.ERR_INVALID, 'STARTTLS takes no data');
-        else this.replyError(option, Rep.ERR_POLICY, 'TLS is not configured on this server');
+        else if (this.tlsPeer !== undefined)
+          this.replyError(option, Rep.ERR_INVALID, 'TLS is already active');
+        else if (this.opts.tls === undefined)
+          this.replyError(option, Rep.ERR_POLICY, 'TLS is not configured on this server');
+        else if (this.tlsMode === 'notls')
+          this.replyError(option, Rep.ERR_POLICY, 'TLS needs fixed newstyle negotiation');
+        else return STARTTLS;
         return undefined;
       case Opt.INFO:
       case Opt.GO:
@@ -216,6 +270,10 @@ export class Negotiator {
     if (name === undefined || exp === undefined || this.opts.isShuttingDown()) {
       throw new ProtocolViolation(`EXPORT_NAME for unknown export ${JSON.stringify(name ?? '')}`);
     }
+    if (this.tlsRefusal(exp) !== undefined)
+      throw new ProtocolViolation(
+        `EXPORT_NAME for TLS-only export ${JSON.stringify(name)} without TLS`,
+      );
     const session = this.open(exp, name);
     const reply = Buffer.alloc(this.noZeroes ? 10 : 134);
     reply.writeBigUInt64BE(BigInt(session.info.size), 0);
@@ -234,6 +292,8 @@ export class Negotiator {
       return;
     }
     for (const exp of this.opts.exports.list()) {
+      // TLS-only exports stay unnamed until the client is on TLS (the spec allows omitting them).
+      if (this.tlsRefusal(exp) !== undefined) continue;
       const name = Buffer.from(exp.name, 'utf8');
       const desc = Buffer.from(exp.description ?? '', 'utf8');
       const payload = Buffer.allocUnsafe(4 + name.length + desc.length);
@@ -260,6 +320,11 @@ export class Negotiator {
     for (let i = 0; i < count; i++) requested.add(data.readUInt16BE(6 + nameLength + 2 * i));
 
     const exp = this.opts.exports.lookup(name);
+    const refusal = this.tlsRefusal(exp);
+    if (refusal !== undefined) {
+      this.replyError(option, refusal.type, refusal.message);
+      return undefined;
+    }
     if (exp === undefined) {
       this.replyError(option, Rep.ERR_UNKNOWN, `unknown export ${JSON.stringify(name)}`);
       return undefined;
@@ -303,6 +368,11 @@ export class Negotiator {
       return;
     }
     const exp = this.opts.exports.lookup(parsed.exportName);
+    const refusal = this.tlsRefusal(exp);
+    if (refusal !== undefined) {
+      this.replyError(option, refusal.type, refusal.message);
+      return;
+    }
     if (exp === undefined) {
       this.replyError(
         option,
@@ -368,7 +438,93 @@ export class Negotiator {
       info,
       transmissionFlags: flags,
       leftover: [],
+      socket: this.socket,
     };
+  }
+
+  /** Decides the connection's TLS mode once, from the server's setting and its exports. */
+  private chooseTlsMode(fixedNewstyle: boolean): void {
+    const tls = this.opts.tls;
+    if (tls === undefined) return;
+    let anyOptional = false;
+    for (const exp of this.opts.exports.list()) {
+      if (this.requiresTls(exp)) this.anyTlsOnly = true;
+      else anyOptional = true;
+    }
+    // A client without fixed newstyle must be served in NOTLS mode; TLS-only exports are
+    // then refused with ERR_POLICY (never ERR_TLS_REQD, which NOTLS forbids).
+    if (!fixedNewstyle) this.tlsMode = 'notls';
+    else if (tls.mode === 'require' && !anyOptional) this.tlsMode = 'forced';
+    else this.tlsMode = 'selective';
+  }
+
+  private requiresTls(exp: NbdExport): boolean {
+    const tls = this.opts.tls;
+    if (tls === undefined) return false;
+    return (exp.tls ?? (tls.mode === 'require' ? 'required' : 'optional')) === 'required';
+  }
+
+  /**
+   * Why `exp` (undefined: a name no export has) cannot be used on this connection yet, or
+   * undefined when it can. Before TLS, unknown names get the same answer as TLS-only exports
+   * when there are any, so that a plain client cannot probe which TLS-only exports exist.
+   */
+  private tlsRefusal(exp: NbdExport | undefined): { type: number; message: string } | undefined {
+    if (this.opts.tls === undefined || this.tlsPeer !== undefined) return undefined;
+    if (exp === undefined ? !this.anyTlsOnly || this.tlsMode === 'notls' : !this.requiresTls(exp))
+      return undefined;
+    if (this.tlsMode === 'notls')
+      return { type: Rep.ERR_POLICY, message: 'this export requires TLS (and fixed newstyle)' };
+    return {
+      type: Rep.ERR_TLS_REQD,
+      message: 'this export requires TLS: send NBD_OPT_STARTTLS first',
+    };
+  }
+
+  /**
+   * Acknowledges STARTTLS and runs the TLS handshake on the socket; on success, negotiation
+   * starts over on the TLS socket with everything negotiated before forgotten (the spec's
+   * rule: options before TLS may have been tampered with). False when the handshake failed
+   * (the connection is closed then).
+   */
+  private async startTls(): Promise<boolean> {
+    const plain = this.socket;
+    // From here the bytes belong to TLS: stop reading them as options. Anything that came
+    // after STARTTLS (a client that did not wait for the ACK) goes back to the socket, where
+    // the TLS layer picks it up.
+    const early = this.queue.detach();
+    plain.pause();
+    for (const b of early) plain.unshift(b);
+    // The ACK must be on the wire before the TLS layer takes over the socket's writes.
+    const ackSent = await new Promise<boolean>((resolve) => {
+      if (plain.destroyed) return resolve(false);
+      plain.write(replyHeader(Opt.STARTTLS, Rep.ACK, 0), (err) => resolve(!err));
+    });
+    if (!ackSent) return false;
+    let upgraded;
+    try {
+      upgraded = await upgradeToTls(plain, this.opts.tls!);
+    } catch (err) {
+      this.opts.logger.warn({ reason: (err as Error).message }, 'TLS handshake failed');
+      return false;
+    }
+    this.socket = upgraded.socket;
+    this.opts.onTlsUpgrade?.(upgraded.socket);
+    this.queue = new ByteQueue(upgraded.socket, MAX_OPTION_BYTES + 64);
+    this.tlsPeer = upgraded.identity;
+    this.structured = false;
+    this.selected = undefined;
+    this.contextIds.clear();
+    this.opts.logger.info(
+      {
+        kind: this.opts.tls!.credentials.kind,
+        ...upgraded.identity,
+        protocol: upgraded.socket.getProtocol(),
+        cipher: upgraded.socket.getCipher().name,
+      },
+      'TLS established',
+    );
+    return true;
   }
 
   private invalid(option: number, message: string): undefined {
@@ -382,17 +538,22 @@ export class Negotiator {
   }
 
   private reply(option: number, type: number, payload?: Buffer): void {
-    const header = Buffer.allocUnsafe(20);
-    header.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
-    header.writeUInt32BE(option, 8);
-    header.writeUInt32BE(type, 12);
-    header.writeUInt32BE(payload?.length ?? 0, 16);
+    const header = replyHeader(option, type, payload?.length ?? 0);
     this.send(payload === undefined ? header : Buffer.concat([header, payload]));
   }
 
   private send(buf: Buffer): void {
     if (!this.socket.destroyed) this.socket.write(buf);
   }
+}
+
+function replyHeader(option: number, type: number, length: number): Buffer {
+  const header = Buffer.allocUnsafe(20);
+  header.writeBigUInt64BE(OPTION_REPLY_MAGIC, 0);
+  header.writeUInt32BE(option, 8);
+  header.writeUInt32BE(type, 12);
+  header.writeUInt32BE(length, 16);
+  return header;
 }
 
 function infoString(type: number, text: string): Buffer {

@@ -10,6 +10,7 @@ import type { ExportSource } from './exports.js';
 import { BufferPool } from './buffer-pool.js';
 import { Negotiator } from './handshake.js';
 import { peerCredentials } from '../backends/libc.js';
+import type { NbdTlsOptions } from './tls.js';
 import {
   DEFAULT_TRANSMISSION_LIMITS,
   TransmissionSession,
@@ -26,6 +27,8 @@ export interface NbdServerOptions {
   /** Connections served at once; more are refused at accept (default 1024). */
   maxConnections?: number;
   limits?: Partial<TransmissionLimits>;
+  /** Offer (mode on) or require TLS; absent: no TLS (STARTTLS gets ERR_POLICY). */
+  tls?: NbdTlsOptions;
 }
 
 /** Payload buffers up to this size are reused; at most POOL_FREE_BYTES are kept idle. */
@@ -34,9 +37,11 @@ const POOL_FREE_BYTES = 64 * 1024 * 1024;
 
 interface Connection {
   readonly id: number;
-  readonly socket: net.Socket;
+  readonly plain: net.Socket;
+  /** The plain socket, then the TLS socket once STARTTLS succeeded. */
+  socket: net.Socket;
   session?: TransmissionSession;
-  readonly done: Promise<void>;
+  done: Promise<void>;
 }
 
 export class NbdServer {
@@ -54,6 +59,13 @@ export class NbdServer {
 
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /** Connections that have upgraded to TLS. */
+  get tlsConnectionCount(): number {
+    let n = 0;
+    for (const c of this.connections.values()) if (c.socket !== c.plain) n++;
+    return n;
   }
 
   /** Listens on a unix socket path, a TCP host:port, or an inherited listening fd. */
@@ -95,8 +107,9 @@ export class NbdServer {
     // Peers vanish without warning; a reset is an ordinary end, never a crash.
     socket.on('error', (err) => log.debug({ err: err.message }, 'socket error'));
     log.info({ client }, 'client connected');
-    const conn: Connection = { id, socket, done: this.serve(socket, client, log, id) };
+    const conn: Connection = { id, plain: socket, socket, done: Promise.resolve() };
     this.connections.set(id, conn);
+    conn.done = this.serve(conn, client, log);
     void conn.done.finally(() => {
       this.connections.delete(id);
       log.info('client disconnected');
@@ -104,44 +117,63 @@ export class NbdServer {
     return conn.done;
   }
 
-  private async serve(
-    socket: net.Socket,
-    client: ClientInfo,
-    log: Logger,
-    id: number,
-  ): Promise<void> {
+  private async serve(conn: Connection, client: ClientInfo, log: Logger): Promise<void> {
+    const plain = conn.plain;
+    const destroyAll = (): void => {
+      conn.socket.destroy();
+      plain.destroy();
+    };
     const timeout = setTimeout(() => {
       log.warn('negotiation timed out');
-      socket.destroy();
+      destroyAll();
     }, this.opts.handshakeTimeoutMs ?? 30_000);
-    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    const closed = new Promise<void>((resolve) => plain.once('close', () => resolve()));
     let negotiated;
     try {
-      negotiated = await new Negotiator(socket, {
+      negotiated = await new Negotiator(plain, {
         exports: this.opts.exports,
         logger: log,
         allowList: this.opts.allowList ?? true,
         isShuttingDown: () => this.shuttingDown,
+        ...(this.opts.tls !== undefined ? { tls: this.opts.tls } : {}),
+        onTlsUpgrade: (secure) => {
+          conn.socket = secure;
+          // The TLS socket owns the connection now; when it ends, so does the plain one.
+          secure.once('close', () => plain.destroy());
+        },
       }).run();
     } catch (err) {
       log.error({ err }, 'negotiation failed');
-      socket.destroy();
+      destroyAll();
     } finally {
       clearTimeout(timeout);
     }
     if (!negotiated) {
-      if (!socket.destroyed) socket.end();
+      if (!conn.socket.destroyed) conn.socket.end();
       await closed;
       return;
     }
     log.info(
-      { export: negotiated.export.name, structured: negotiated.structuredReplies },
+      {
+        export: negotiated.export.name,
+        structured: negotiated.structuredReplies,
+        ...(negotiated.tls !== undefined ? { tls: true } : {}),
+      },
       'export opened',
     );
-    const ctx: IoContext = { exportName: negotiated.export.name, client };
-    const session = new TransmissionSession(socket, negotiated, ctx, this.limits, log, this.pool);
-    const conn = this.connections.get(id);
-    if (conn) conn.session = session;
+    // The identity filters see: the transport's, plus what the client proved over TLS.
+    const who: ClientInfo =
+      negotiated.tls === undefined ? client : { ...client, tls: true, ...negotiated.tls };
+    const ctx: IoContext = { exportName: negotiated.export.name, client: who };
+    const session = new TransmissionSession(
+      negotiated.socket,
+      negotiated,
+      ctx,
+      this.limits,
+      log,
+      this.pool,
+    );
+    conn.session = session;
     session.start();
     if (this.shuttingDown) session.shutdown();
     await session.done;
@@ -160,7 +192,11 @@ export class NbdServer {
     );
     for (const conn of this.connections.values()) {
       if (conn.session) conn.session.shutdown();
-      else conn.socket.destroy(); // still negotiating: nothing of it can be lost
+      else {
+        // still negotiating: nothing of it can be lost
+        conn.socket.destroy();
+        conn.plain.destroy();
+      }
     }
     await Promise.all([...this.connections.values()].map((c) => c.done));
     await Promise.all(listenersClosed);

@@ -100,7 +100,11 @@ describe('rules document', () => {
       /prefix length must be 0\.\.32/,
     );
     refused({ rules: [{ action: 'deny', uid: -1 }] }, /rules\[0\]\.uid/);
-    refused({ rules: [{ action: 'deny', tlsSubject: 'CN=x' }] }, /rules\[0\]\.tlsSubject: TLS/);
+    refused(
+      { rules: [{ action: 'deny', tlsSubject: 'C = GB, CN = x' }] },
+      /rules\[0\]\.tlsSubject: .*RFC 2253/,
+    );
+    refused({ rules: [{ action: 'deny', pskIdentity: '' }] }, /rules\[0\]\.pskIdentity/);
     refused({ default: 'maybe' }, /default must be one of/);
     refused({ worm: [100, 8192] }, /worm: .*aligned to the WORM block size/);
     refused({ rules: {} }, /rules must be array/);

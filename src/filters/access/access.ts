@@ -384,6 +384,9 @@ export class AccessFilter implements Filter {
     if (c?.port !== undefined) client.port = c.port;
     if (c?.uid !== undefined) client.uid = c.uid;
     if (c?.gid !== undefined) client.gid = c.gid;
+    if (c?.tls === true) client.tls = true;
+    if (c?.tlsSubject !== undefined) client.tlsSubject = c.tlsSubject;
+    if (c?.pskIdentity !== undefined) client.pskIdentity = c.pskIdentity;
     const fields: Record<string, unknown> = {
       type: 'event',
       time: new Date().toISOString(),

@@ -67,10 +67,13 @@ export const RULE_SCHEMA = {
     address: oneOrMany({ type: 'string', minLength: 1 }),
     export: oneOrMany({ type: 'string' }),
     tlsSubject: {
-      description: 'Reserved: refused until the NBD server speaks TLS and knows client identities.',
+      ...oneOrMany({ type: 'string', minLength: 1 }),
+      description:
+        'The subject of a verified TLS client certificate, exactly, most specific part first: "CN=alice,O=Example" (as openssl x509 -noout -subject -nameopt RFC2253 prints it).',
     },
     pskIdentity: {
-      description: 'Reserved: refused until the NBD server speaks TLS and knows client identities.',
+      ...oneOrMany({ type: 'string', minLength: 1 }),
+      description: 'The PSK identity a TLS client authenticated with, exactly.',
     },
   },
   required: ['action'],
@@ -144,6 +147,8 @@ export interface RuleSpec {
   gid?: number[];
   address?: string[];
   export?: string[];
+  tlsSubject?: string[];
+  pskIdentity?: string[];
 }
 
 export interface RulesDocument {
@@ -248,12 +253,6 @@ export function parseRulesDocument(
     const problem = (field: string, msg: string): never => {
       throw new FilterCommandError(`${where}.${field}: ${msg}`);
     };
-    for (const f of ['tlsSubject', 'pskIdentity'])
-      if (r[f] !== undefined)
-        problem(
-          f,
-          'TLS client identities are not known yet (the NBD server has no TLS); this field is reserved and refused so that the rule never silently matches nothing',
-        );
     const spec: RuleSpec = { action: r.action as Action, ops: [] };
     if (r.name !== undefined) spec.name = r.name as string;
     let mask = ALL_OPS_MASK;
@@ -282,6 +281,20 @@ export function parseRulesDocument(
     }
     const exp = list(r.export as string | string[] | undefined);
     if (exp) spec.export = exp;
+    const subject = list(r.tlsSubject as string | string[] | undefined);
+    if (subject) {
+      // A subject as OpenSSL prints it by default ("C = GB, O = Example, CN = alice") is in the
+      // other order and spacing, and would never match: say so rather than match nothing.
+      for (const s of subject)
+        if (/^\s*[A-Za-z0-9.]+\s+=\s/.test(s) || s.startsWith('/'))
+          problem(
+            'tlsSubject',
+            `${JSON.stringify(s)} is not in RFC 2253 form; write it as openssl x509 -noout -subject -nameopt RFC2253 prints it, e.g. "CN=alice,O=Example"`,
+          );
+      spec.tlsSubject = subject;
+    }
+    const psk = list(r.pskIdentity as string | string[] | undefined);
+    if (psk) spec.pskIdentity = psk;
     return spec;
   });
   const worm =
@@ -336,7 +349,9 @@ export class CompiledRule {
       spec.uid !== undefined ||
       spec.gid !== undefined ||
       spec.address !== undefined ||
-      spec.export !== undefined;
+      spec.export !== undefined ||
+      spec.tlsSubject !== undefined ||
+      spec.pskIdentity !== undefined;
   }
 
   /** Whether [offset, last) overlaps one of the ranges (binary search). */
@@ -361,6 +376,16 @@ export class CompiledRule {
     if (s.uid !== undefined && (c.uid === undefined || !s.uid.includes(c.uid))) return false;
     if (s.gid !== undefined && (c.gid === undefined || !s.gid.includes(c.gid))) return false;
     if (this.addresses !== null && !addressIn(this.addresses, c.address)) return false;
+    if (
+      s.tlsSubject !== undefined &&
+      (c.tlsSubject === undefined || !s.tlsSubject.includes(c.tlsSubject))
+    )
+      return false;
+    if (
+      s.pskIdentity !== undefined &&
+      (c.pskIdentity === undefined || !s.pskIdentity.includes(c.pskIdentity))
+    )
+      return false;
     return true;
   }
 
