@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { DeviceManager, ManagerError } from '../core/manager.js';
 import { FilterTypeRegistry } from '../core/filter-types.js';
 import { builtinFilterTypes } from '../filters/index.js';
+import { describeStale, findFence } from '../filters/mirror/cutover-record.js';
 import { ExportTable } from '../nbd/exports.js';
 import { exportSource } from './export-source.js';
 import { NbdServer } from '../nbd/server.js';
@@ -88,6 +89,14 @@ export async function startDaemon(opts: DaemonOptions): Promise<RunningDaemon> {
   if (opts.tls !== undefined && opts.tls.mode !== 'off') {
     tls = { mode: opts.tls.mode, credentials: loadTlsCredentials(opts.tls) };
     log.info({ mode: tls.mode, kind: tls.credentials.kind }, 'TLS ready');
+  }
+  // A backend a mirror cut over away from holds stale data: refuse it, whatever the config
+  // says, before anything is opened (docs/mirror.md, "After the cutover: the config file").
+  for (const spec of opts.exports) {
+    const label = backendLabel(spec);
+    const moved = await findFence(label);
+    if (moved !== undefined)
+      throw new ConfigError(`export ${spec.name}: ${describeStale(label, moved)}`);
   }
   const manager = new DeviceManager(types, log);
   const table = new ExportTable();

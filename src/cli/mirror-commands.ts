@@ -184,10 +184,18 @@ export function addMirrorCommands(program: Command): void {
           },
         );
       if (o.json) printJson(r);
-      else
+      else {
         process.stdout.write(
           `export ${exportName} now runs on ${String(r.to)} (was ${String(r.from)})\n`,
         );
+        const recorded = (r.recorded as string[] | undefined) ?? [];
+        if (recorded.length > 0)
+          process.stdout.write(
+            `recorded in ${recorded.join(', ')}: a daemon asked to serve ${String(r.from)} again refuses it; update its config to ${String(r.to)}\n`,
+          );
+      }
+      // The one thing the operator must still do by hand: say it even with --json.
+      if (typeof r.warning === 'string') process.stderr.write(`devfilter: warning: ${r.warning}\n`);
     });
   });
 

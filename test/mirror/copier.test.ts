@@ -164,6 +164,33 @@ describe('mirror copier', () => {
     }
   });
 
+  it('the copy rate limit holds under a client write load (writes do not cut pacing short)', async () => {
+    const fx = await startMirrorFixture({ size: 8 * MiB });
+    try {
+      await fx.source.write(pattern(8 * MiB, 14), 0, 0);
+      await fx.start({ chunkSize: '64K', rate: '2M' });
+      let stop = false;
+      let writes = 0;
+      const load = (async () => {
+        while (!stop) {
+          await fx.exp.stack.write(pattern(4 * KiB, writes++), (writes % 2048) * 4 * KiB, 0);
+          await sleep(0);
+        }
+      })();
+      const started = performance.now();
+      await sleep(500);
+      stop = true;
+      await load;
+      const seconds = (performance.now() - started) / 1000;
+      const copied = fx.status().bytesCopied as number;
+      // 2 MiB/s, plus the chunks a pass may start without waiting (one per slot).
+      assert.ok(writes > 100, `${writes} writes`);
+      assert.ok(copied <= 2 * MiB * seconds + 3 * 64 * KiB, `copied ${copied} in ${seconds} s`);
+    } finally {
+      await fx.close();
+    }
+  });
+
   it('verify finds a chunk changed behind the mirror, and cutover with verify refuses', async () => {
     const fx = await startMirrorFixture({ size: 2 * MiB });
     try {

@@ -5,7 +5,7 @@
  */
 import { pino } from 'pino';
 import { MemoryBackend } from '../../src/backends/memory.js';
-import type { Device } from '../../src/core/device.js';
+import { RequestFlags, type Device } from '../../src/core/device.js';
 import { DeviceError } from '../../src/core/errors.js';
 import type { FilterType } from '../../src/core/filter.js';
 import { FilterTypeRegistry } from '../../src/core/filter-types.js';
@@ -22,9 +22,15 @@ export class FaultyTarget implements Device {
   broken = false;
   writes = 0;
   bytesWritten = 0;
+  /** Writes and zeroings that carried FUA, and flushes, as the target saw them. */
+  fuaWrites = 0;
+  flushes = 0;
+  /** Capabilities to take away (e.g. { fua: false }) to see how the mirror copes. */
+  without: Partial<Record<'fua' | 'flush', false>> = {};
   constructor(readonly inner: MemoryBackend) {}
   info(): ReturnType<Device['info']> {
-    return this.inner.info();
+    const i = this.inner.info();
+    return { ...i, caps: { ...i.caps, ...this.without } };
   }
   private check(): void {
     if (this.broken) throw new DeviceError('EIO', 'target unreachable (test fault)');
@@ -36,10 +42,12 @@ export class FaultyTarget implements Device {
     this.check();
     this.writes++;
     this.bytesWritten += data.length;
+    if (flags & RequestFlags.FUA) this.fuaWrites++;
     await this.inner.write(data, offset, flags);
   }
   async flush(flags: number): Promise<void> {
     this.check();
+    this.flushes++;
     await this.inner.flush(flags);
   }
   trim(offset: number, length: number, flags: number): Promise<void> {
@@ -47,6 +55,7 @@ export class FaultyTarget implements Device {
   }
   async writeZeroes(offset: number, length: number, flags: number): Promise<void> {
     this.check();
+    if (flags & RequestFlags.FUA) this.fuaWrites++;
     await this.inner.writeZeroes(offset, length, flags);
   }
   cache(offset: number, length: number, flags: number): Promise<void> {

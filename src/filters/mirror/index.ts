@@ -55,7 +55,7 @@ export const mirrorFilterType: FilterType<MirrorArgs> = {
         maximum: 100,
         default: 3,
         description:
-          'In background mode, switch to sync after this many passes in a row that do not shrink the dirty map.',
+          'In background mode, switch to sync after this many passes in a row that do not shrink the dirty map by a tenth of its smallest size so far.',
       },
       maxInFlight: {
         type: 'integer',

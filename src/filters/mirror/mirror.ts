@@ -18,15 +18,27 @@
  * - When background passes stop shrinking the dirty map (`convergePasses` passes in a row),
  *   the mirror switches itself to sync mode (event mirror.mode-changed).
  */
+import fs from 'node:fs';
 import type { Device, Extent, IoContext } from '../../core/device.js';
-import { ExtentState } from '../../core/device.js';
+import { ExtentState, RequestFlags } from '../../core/device.js';
 import { DeviceError } from '../../core/errors.js';
 import { FilterCommandError, type Filter, type FilterEnv } from '../../core/filter.js';
 import { parseSize } from '../../core/size.js';
 import { unknownCommand } from '../args.js';
 import { ChunkBitmap } from './bitmap.js';
+import {
+  describeStale,
+  fenceOf,
+  fileOfLabel,
+  newRecord,
+  readRecord,
+  removeRecord,
+  stateDirRecord,
+  writeRecord,
+  type CutoverRecord,
+} from './cutover-record.js';
 import { readState, removeState, statePath, writeState } from './state-file.js';
-import { openTarget, type OpenedTarget } from './target.js';
+import { isNbdUri, openTarget, type OpenedTarget } from './target.js';
 
 export type MirrorMode = 'background' | 'sync';
 export type MirrorStateName = 'copying' | 'synced' | 'paused' | 'failed' | 'cancelled' | 'cutover';
@@ -64,6 +76,10 @@ const RATE_WINDOW_MS = 5000;
  * written since (made dirty again by the failing flush), not the whole copy.
  */
 const FLUSH_INTERVAL_MS = 1000;
+/** A background pass makes progress when it ends with this much fewer dirty chunks than the best. */
+const MIN_PROGRESS = 0.1;
+/** How far ahead one block-status question about the source reaches (see readsAsZeros). */
+const STATUS_SPAN = 64 * 1024 * 1024;
 /** verify lists at most this many differing chunks (it counts them all). */
 const MAX_LISTED = 100;
 
@@ -111,9 +127,13 @@ export class MirrorFilter implements Filter {
   private live = false;
   private pumping: Promise<void> | null = null;
   private wakeUp: (() => void) | null = null;
+  private pacing: { timer: NodeJS.Timeout; resolve: () => void } | null = null;
+  /** The source's last data extent heard of (see readsAsZeros). */
+  private knownData = { start: 0, end: 0 };
   private cursor = 0;
   private passes = 0;
-  private lastPassDirty = Number.POSITIVE_INFINITY;
+  /** The fewest dirty chunks at the end of a pass since background copying last made progress. */
+  private bestDirty = Number.POSITIVE_INFINITY;
   private strikes = 0;
   private paceUntil = 0;
   private lastFlush = 0;
@@ -125,6 +145,7 @@ export class MirrorFilter implements Filter {
     zeroBytes: 0,
     chunksCopied: 0,
     syncWrites: 0,
+    syncFlushes: 0,
     targetErrors: 0,
   };
   private syncedAt: string | null = null;
@@ -162,6 +183,7 @@ export class MirrorFilter implements Filter {
     sizeValue(args.rate, 'rate');
     const size = env.below.size;
     const chunks = Math.ceil(size / chunkSize);
+    await refuseStaleOrSelf(args, env);
     const target =
       deps.target ??
       (await openTarget(args.target, size, {
@@ -217,12 +239,40 @@ export class MirrorFilter implements Filter {
   // ---- client requests -------------------------------------------------------------------
 
   write(next: Device, data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
+    const fua = (flags & RequestFlags.FUA) !== 0;
     return this.tracked(
       offset,
       data.length,
       () => next.write(data, offset, flags, ctx),
-      (t) => t.write(data, offset, 0),
+      (t) => durably(t, fua, (f) => t.write(data, offset, f)),
+      fua,
     );
+  }
+
+  /**
+   * While writes are mirrored, a client's flush covers the target too: what the client was
+   * told is durable must be durable on both sides, or a cutover after a crash of the target
+   * could lose it. The source is authoritative: a failing target flush re-dirties what it
+   * covered and pauses the mirror, it never fails the client's flush. In background mode (not
+   * mirroring) the flush goes to the source only: every write since the last target flush is
+   * dirty there anyway, and synced/cutover flush the target themselves.
+   */
+  flush(next: Device, flags: number, ctx?: IoContext): Promise<void> {
+    if (!this.tracking() || !this.mirroring()) return next.flush(flags, ctx);
+    return this.bothFlushed(next.flush(flags, ctx));
+  }
+
+  private async bothFlushed(source: Promise<void>): Promise<void> {
+    const t = this.flushTarget().then(
+      () => {
+        this.counters.syncFlushes++;
+      },
+      (err: unknown) => this.targetFailed(err),
+    );
+    this.targetOps.add(t);
+    void t.finally(() => this.targetOps.delete(t));
+    const [s] = await Promise.allSettled([source, t]);
+    if (s.status === 'rejected') throw s.reason;
   }
 
   writeZeroes(
@@ -233,11 +283,16 @@ export class MirrorFilter implements Filter {
     ctx?: IoContext,
   ): Promise<void> {
     const t = this.target.device;
+    const fua = (flags & RequestFlags.FUA) !== 0;
+    // Only FUA goes on to the target: NO_HOLE and FAST_ZERO are about how the source zeroes.
     return this.tracked(
       offset,
       length,
       () => next.writeZeroes(offset, length, flags, ctx),
-      t.info().caps.zero ? (d) => d.writeZeroes(offset, length, 0) : undefined,
+      t.info().caps.zero
+        ? (d) => durably(d, fua, (f) => d.writeZeroes(offset, length, f))
+        : undefined,
+      fua,
     );
   }
 
@@ -265,6 +320,7 @@ export class MirrorFilter implements Filter {
     length: number,
     source: () => Promise<void>,
     mirror?: (target: Device) => Promise<void>,
+    fua = false,
   ): Promise<void> {
     if (!this.tracking() || length === 0) return source();
     const first = Math.floor(offset / this.chunkSize);
@@ -285,7 +341,8 @@ export class MirrorFilter implements Filter {
         () => {
           this.counters.syncWrites++;
           if (this.written !== null) this.written.setRange(first, last);
-          this.unflushed.setRange(first, last);
+          // A FUA write is durable on the target already; others wait for a target flush.
+          if (!fua) this.unflushed.setRange(first, last);
         },
         (err: unknown) => {
           this.markDirty(first, last);
@@ -339,6 +396,7 @@ export class MirrorFilter implements Filter {
   release(): void {
     this.live = false;
     this.wake();
+    this.cutPace();
   }
 
   private wake(): void {
@@ -432,15 +490,23 @@ export class MirrorFilter implements Filter {
     const left = this.dirty.count;
     if (this.mode !== 'background' || left === 0) {
       this.strikes = 0;
-      this.lastPassDirty = left;
+      this.bestDirty = Number.POSITIVE_INFINITY;
       return;
     }
-    this.strikes = left >= this.lastPassDirty ? this.strikes + 1 : 0;
-    this.lastPassDirty = left;
+    // Progress is a pass ending clearly below the best so far. Against "fewer than the last
+    // pass", a map held nearly full by the load dips by a chunk now and then, and each dip
+    // would reset the count: the switch to sync would wait on luck.
+    if (left <= this.bestDirty * (1 - MIN_PROGRESS)) {
+      this.strikes = 0;
+      this.bestDirty = left;
+    } else {
+      this.strikes++;
+      this.bestDirty = Math.min(this.bestDirty, left);
+    }
     if (this.strikes >= this.args.convergePasses) {
       this.setMode(
         'sync',
-        `background copying does not converge: ${left * this.chunkSize} dirty bytes after ${this.strikes} passes that did not shrink`,
+        `background copying does not converge: ${left * this.chunkSize} dirty bytes after ${this.strikes} passes that did not shrink the dirty map by a tenth`,
       );
     }
   }
@@ -451,16 +517,52 @@ export class MirrorFilter implements Filter {
     const start = Math.max(this.paceUntil, now);
     this.paceUntil = start + (bytes / this.rate) * 1000;
     if (start <= now) return;
+    // Its own waker, not `wakeUp`: client writes wake the copier for new dirty chunks, and
+    // must not cut a pacing sleep short (under write load the rate limit would not hold).
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => {
-        this.wakeUp = null;
+        this.pacing = null;
         resolve();
       }, start - now);
-      this.wakeUp = () => {
-        clearTimeout(timer);
-        resolve();
-      };
+      this.pacing = { timer, resolve };
     });
+  }
+
+  /**
+   * Whether [offset, offset+length) of the source reads as zeros, by its block status. Asks
+   * about STATUS_SPAN bytes at once and remembers the data extent it hears of, so the chunks
+   * after this one in that extent are not asked about again: asking can cost far more than
+   * the chunk (a file on tmpfs answers SEEK_HOLE by walking its pages up to the next hole,
+   * 10 ms from the start of a full 1 GiB file). Only data is remembered, never zeros, so a
+   * stale answer costs a copy of a chunk that reads as zeros, never a chunk left uncopied.
+   */
+  private async readsAsZeros(device: Device, offset: number, length: number): Promise<boolean> {
+    const end = offset + length;
+    if (offset >= this.knownData.start && end <= this.knownData.end) return false;
+    const askEnd = Math.min(this.size, offset + Math.max(length, STATUS_SPAN));
+    let at = offset;
+    while (at < end) {
+      const extents: Extent[] = await device.blockStatus(at, askEnd - at, 0);
+      if (extents.length === 0) return false;
+      for (const e of extents) {
+        if ((e.state & ExtentState.ZERO) === 0) {
+          this.knownData = { start: at, end: at + e.length };
+          return false;
+        }
+        at += e.length;
+        if (at >= end) return true;
+      }
+    }
+    return true;
+  }
+
+  /** Ends a pacing sleep at once: the rate changed, or the copier must stop. */
+  private cutPace(): void {
+    const p = this.pacing;
+    this.pacing = null;
+    if (p === null) return;
+    clearTimeout(p.timer);
+    p.resolve();
   }
 
   private async copyChunk(c: number): Promise<void> {
@@ -473,7 +575,7 @@ export class MirrorFilter implements Filter {
     const target = this.target.device;
     let stage: 'source' | 'target' = 'source';
     try {
-      if (await readsAsZeros(below, offset, length)) {
+      if (await this.readsAsZeros(below, offset, length)) {
         if (this.written !== null && !this.written.get(c)) this.counters.zeroBytes += length;
         else {
           stage = 'target';
@@ -522,7 +624,8 @@ export class MirrorFilter implements Filter {
         if (this.tracking()) this.dirty.set(c);
       }
       if (this.state === 'synced' && this.dirty.count > 0) this.state = 'copying';
-      this.kick();
+      // No kick here: the caller decides (most pause on a target failure, and a copier
+      // started first would race that pause).
       throw err;
     }
   }
@@ -566,6 +669,7 @@ export class MirrorFilter implements Filter {
     this.env.logger.warn({ reason }, 'mirror paused');
     this.env.emit('mirror.paused', { reason, dirtyBytes: this.dirtyBytes() });
     this.wake();
+    this.cutPace();
   }
 
   private fail(reason: string): void {
@@ -575,12 +679,14 @@ export class MirrorFilter implements Filter {
     this.env.logger.error({ reason }, 'mirror failed');
     this.env.emit('mirror.failed', { reason });
     this.wake();
+    this.cutPace();
   }
 
   private setMode(mode: MirrorMode, reason: string): void {
     if (mode === this.mode) return;
     this.mode = mode;
     this.strikes = 0;
+    this.bestDirty = Number.POSITIVE_INFINITY;
     this.env.emit('mirror.mode-changed', { mode, reason });
   }
 
@@ -598,7 +704,7 @@ export class MirrorFilter implements Filter {
     this.cursor = 0;
     this.passes = 0;
     this.strikes = 0;
-    this.lastPassDirty = Number.POSITIVE_INFINITY;
+    this.bestDirty = Number.POSITIVE_INFINITY;
     this.paceUntil = 0;
     const dirtyBytes = this.dirtyBytes();
     this.env.emit('mirror.resumed', { dirtyBytes, flushError });
@@ -615,6 +721,7 @@ export class MirrorFilter implements Filter {
   /** Stops copying and mirroring; waits for what is in flight to the target, flushes it. */
   private async quiesce(): Promise<void> {
     this.wake();
+    this.cutPace();
     await this.pumping;
     await Promise.allSettled([...this.targetOps]);
     if (this.ownsTarget && this.target.device.info().caps.flush)
@@ -670,25 +777,81 @@ export class MirrorFilter implements Filter {
     try {
       await this.flushTarget();
     } catch (err) {
+      this.kick();
       throw new FilterCommandError(
         `flushing the target failed (${msg(err)}); what it may have lost is copied again, no cutover`,
       );
     }
     const from = this.env.backendLabel ?? 'device';
-    await this.env.replaceBackend(this.target.device, this.target.label, {
-      ...(timeoutMs !== undefined ? { timeoutMs } : {}),
-      commit: () => {
-        if (this.state !== 'synced' || this.dirty.count > 0 || this.copying.size > 0)
-          throw new Error(`the mirror left the synced state (${this.state}); nothing changed`);
-        this.state = 'cutover';
-        this.ownsTarget = false;
-      },
-    });
+    const to = this.target.label;
+    // Recorded before the switch (pending) and after it (done): a daemon restarted from a
+    // config that still names the old backend must refuse it, not serve stale data.
+    const records = this.recordPaths(from);
+    const record = newRecord(this.env.exportName, from, to);
+    await this.writeRecords(records, record);
+    try {
+      await this.env.replaceBackend(this.target.device, to, {
+        ...(timeoutMs !== undefined ? { timeoutMs } : {}),
+        commit: () => {
+          if (this.state !== 'synced' || this.dirty.count > 0 || this.copying.size > 0)
+            throw new Error(`the mirror left the synced state (${this.state}); nothing changed`);
+          this.state = 'cutover';
+          this.ownsTarget = false;
+        },
+      });
+    } catch (err) {
+      // Nothing changed: the old backend is still the current one.
+      for (const p of records) await removeRecord(p).catch(() => undefined);
+      throw err;
+    }
     this.cutoverAt = new Date().toISOString();
+    const done: CutoverRecord = { ...record, state: 'done', at: this.cutoverAt };
+    for (const p of records)
+      await writeRecord(p, done).catch((err: unknown) =>
+        // A record left pending still refuses the old backend; it only says less.
+        this.env.logger.warn({ err, path: p }, 'completing the cutover record failed'),
+      );
+    // The target is current now: a record of an earlier move away from it no longer holds.
+    const targetFence = fenceOf(to);
+    if (targetFence !== undefined)
+      await removeRecord(targetFence).catch((err: unknown) =>
+        this.env.logger.warn({ err, path: targetFence }, 'removing an old cutover record failed'),
+      );
     if (this.stateFile !== null) await removeState(this.stateFile).catch(() => undefined);
-    const data = { from, to: this.target.label };
+    const data: Record<string, unknown> = { from, to, recorded: records };
+    if (fenceOf(from) === undefined) {
+      // The stateDir record only stops a mirror declared again; the daemon itself checks
+      // only next to a file backend.
+      data.warning = `the old backend ${from} is not a regular file, so no record could be put next to it: change the export's backend in the daemon's config to ${to} before the daemon restarts, or it serves the old data again`;
+      this.env.logger.warn({ from, to }, String(data.warning));
+    }
     this.env.emit('mirror.cutover', data);
     return { state: this.state, ...data };
+  }
+
+  /** Where a cutover away from `from` is recorded: next to a file source, and in stateDir. */
+  private recordPaths(from: string): string[] {
+    const paths: string[] = [];
+    const fence = fenceOf(from);
+    if (fence !== undefined) paths.push(fence);
+    if (this.args.stateDir !== undefined)
+      paths.push(stateDirRecord(this.args.stateDir, this.env.exportName));
+    return paths;
+  }
+
+  private async writeRecords(paths: string[], record: CutoverRecord): Promise<void> {
+    const written: string[] = [];
+    try {
+      for (const p of paths) {
+        await writeRecord(p, record);
+        written.push(p);
+      }
+    } catch (err) {
+      for (const p of written) await removeRecord(p).catch(() => undefined);
+      throw new FilterCommandError(
+        `cannot record the cutover at ${paths[written.length]} (${msg(err)}); without it a restarted daemon could serve the old backend's stale data, so no cutover`,
+      );
+    }
   }
 
   /**
@@ -775,6 +938,7 @@ export class MirrorFilter implements Filter {
       zeroBytes: this.counters.zeroBytes,
       chunksCopied: this.counters.chunksCopied,
       syncWrites: this.counters.syncWrites,
+      syncFlushes: this.counters.syncFlushes,
       targetErrors: this.counters.targetErrors,
       passes: this.passes,
       rateLimit: this.rate,
@@ -817,7 +981,7 @@ export class MirrorFilter implements Filter {
       case 'set-rate': {
         this.rate = sizeValue(args.rate, 'rate');
         this.paceUntil = 0;
-        this.wake();
+        this.cutPace();
         this.kick();
         return { rateLimit: this.rate };
       }
@@ -875,18 +1039,47 @@ export class MirrorFilter implements Filter {
   }
 }
 
-/** Whether [offset, offset+length) of `device` reads as zeros, by its block status. */
-async function readsAsZeros(device: Device, offset: number, length: number): Promise<boolean> {
-  let at = offset;
-  const end = offset + length;
-  while (at < end) {
-    const extents: Extent[] = await device.blockStatus(at, end - at, 0);
-    if (extents.length === 0) return false;
-    for (const e of extents) {
-      if ((e.state & ExtentState.ZERO) === 0) return false;
-      at += e.length;
-      if (at >= end) return true;
-    }
+/**
+ * Refuses a mirror that would destroy newer data: one declared again (a config file) on an
+ * export whose backend this mirror's stateDir says was cut over away from — it would copy the
+ * stale source over the newer target — and one whose target is the export's own backend.
+ */
+async function refuseStaleOrSelf(args: MirrorArgs, env: FilterEnv): Promise<void> {
+  const label = env.backendLabel;
+  if (args.stateDir !== undefined) {
+    const path = stateDirRecord(args.stateDir, env.exportName);
+    const record = await readRecord(path);
+    if (record !== undefined && (record.from === label || record.from === '?'))
+      throw new Error(describeStale(label ?? 'device', { path, record }));
   }
-  return true;
+  const own = fileOfLabel(label);
+  if (own !== undefined && !isNbdUri(args.target)) {
+    const same = (a: string, b: string): boolean => {
+      try {
+        return fs.realpathSync(a) === fs.realpathSync(b);
+      } catch {
+        return false;
+      }
+    };
+    if (same(own, args.target))
+      throw new Error(`the target ${args.target} is the export's own backend`);
+  } else if (label === `nbd:${args.target}`)
+    throw new Error(`the target ${args.target} is the export's own backend`);
+}
+
+/**
+ * Runs a mirrored write on the target with FUA when the client asked for it. A target that
+ * cannot do FUA gets the write and then a flush (what FUA means, at the price of a flush); a
+ * target that can do neither has no durability to offer beyond the write itself.
+ */
+async function durably(
+  target: Device,
+  fua: boolean,
+  op: (flags: number) => Promise<void>,
+): Promise<void> {
+  if (!fua) return op(0);
+  const caps = target.info().caps;
+  if (caps.fua) return op(RequestFlags.FUA);
+  await op(0);
+  if (caps.flush) await target.flush(0);
 }
