@@ -187,7 +187,7 @@ mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,run,lib/modules,usr/bin,usr/
 # Wanted, by module name. crc32c_generic: ext4's metadata checksums ask the crypto API for
 # "crc32c" (a softdep, not a symbol dependency), and the initramfs has no modprobe to load it on
 # demand.
-wanted=(nbd virtio_pci virtio_net crc32c_generic ext4)
+wanted=(nbd virtio_pci virtio_net crc32c_generic ext4 virtio_blk dm_mod 9p 9pnet_virtio)
 builtin_list="$moddir/modules.builtin"
 
 declare -A module_path=()

@@ -20,7 +20,10 @@
 #   devfilter.bs=N               nbd-client block size, 512..4096 (default: 512)
 #   devfilter.conns=N            connections per attach (nbd-client -C N; needs the export to
 #                                advertise multi-conn) (default: 1)
-#   devfilter.scenario=NAME      ext4 (default) or snapshot (see scenario_* below)
+#   devfilter.scenario=NAME      ext4 (default), snapshot or interpose (see scenario_* below)
+#   devfilter.repo=PATH          interpose: the repository's path on the host, whose root file
+#                                system QEMU shares read-only (9p tag hostroot)
+#   devfilter.args=A,B,...       interpose: arguments for scripts/kernel/interpose-scenario.sh
 #   devfilter.hook=PORT          port of the host hook (host-hook.mjs), for the snapshot scenario
 #                                (default: 10900)
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
@@ -37,6 +40,8 @@ BS=512
 CONNS=1
 HOOK_PORT=10900
 SCENARIO=ext4
+REPO=
+SCENARIO_ARGS=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     devfilter.export=*) EXPORT=${arg#*=} ;;
@@ -45,6 +50,8 @@ for arg in $(cat /proc/cmdline); do
     devfilter.conns=*) CONNS=${arg#*=} ;;
     devfilter.scenario=*) SCENARIO=${arg#*=} ;;
     devfilter.hook=*) HOOK_PORT=${arg#*=} ;;
+    devfilter.repo=*) REPO=${arg#*=} ;;
+    devfilter.args=*) SCENARIO_ARGS=$(echo "${arg#*=}" | tr ',' ' ') ;;
   esac
 done
 PORT1=${PORTS%%,*}
@@ -305,8 +312,30 @@ scenario_snapshot() {
   step disconnect disconnect
 }
 
+# The host's root file system, read-only over 9p, with this guest's kernel interfaces mounted
+# into it: the interpose scenario runs the host's own programs (node, devfilter, dmsetup,
+# nbd-client, e2fsprogs) on the guest's kernel, where device-mapper and nbd exist.
+host_root() {
+  mkdir -p /host &&
+    mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /host &&
+    mount -t proc proc /host/proc &&
+    mount -t sysfs sysfs /host/sys &&
+    mount -t devtmpfs devtmpfs /host/dev &&
+    mount -t tmpfs tmpfs /host/tmp &&
+    mount -t tmpfs tmpfs /host/run &&
+    mount -t tmpfs tmpfs /host/mnt
+}
+
+# interpose: everything happens in scripts/kernel/interpose-scenario.sh, run by the host's bash
+# in the host's root: it prints its own DEVFILTER-TEST lines (without DONE).
+scenario_interpose() {
+  step host-root host_root
+  chroot /host /bin/bash "$REPO/scripts/kernel/interpose-scenario.sh" $SCENARIO_ARGS ||
+    fail_cleanup
+}
+
 case "$SCENARIO" in
-  ext4 | snapshot) ;;
+  ext4 | snapshot | interpose) ;;
   *)
     mark "FAIL scenario unknown: $SCENARIO"
     finish fail

@@ -18,6 +18,8 @@ export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 
 const POSIX_FADV_WILLNEED = 3;
+const POSIX_FADV_DONTNEED = 4;
+const PR_SET_IO_FLUSHER = 57;
 /** _IOR(0x12, 114, size_t) on 64-bit Linux. */
 const BLKGETSIZE64 = 0x80081272;
 
@@ -74,6 +76,7 @@ interface Libc {
   preadv2(fd: number, iov: Buffer, count: number, offset: number, flags: number): number | bigint;
   fstatfs(fd: number, out: Buffer): number;
   getsockopt(fd: number, level: number, name: number, value: Buffer, length: Buffer): number;
+  prctl(option: number, a2: number, a3: number, a4: number, a5: number): number;
 }
 
 let libc: Libc | undefined;
@@ -97,6 +100,9 @@ function load(): Libc {
       fstatfs: lib.func('int fstatfs64(int fd, void *buf)'),
       getsockopt: lib.func(
         'int getsockopt(int fd, int level, int optname, void *optval, void *optlen)',
+      ),
+      prctl: lib.func(
+        'int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)',
       ),
     };
   }
@@ -130,6 +136,30 @@ export function adviseWillNeed(fd: number, offset: number, length: number): Prom
       else resolve();
     });
   });
+}
+
+/**
+ * posix_fadvise(2) DONTNEED over the whole file: drops its clean cached pages. For a block
+ * device, whose page cache other users (device-mapper) bypass, so that it holds nothing stale.
+ */
+export function dropPageCache(fd: number): Promise<void> {
+  const { posixFadvise } = load();
+  return new Promise((resolve, reject) => {
+    posixFadvise.async(fd, 0, 0, POSIX_FADV_DONTNEED, (err, result) => {
+      if (err) reject(err);
+      else if (result !== 0) reject(new SysError('posix_fadvise', result));
+      else resolve();
+    });
+  });
+}
+
+/**
+ * prctl(PR_SET_IO_FLUSHER): the kernel treats this process as part of the I/O path (memory
+ * reclaim does not wait on it for I/O it must itself serve). Linux 5.6+, CAP_SYS_RESOURCE.
+ */
+export function setIoFlusher(): void {
+  if (load().prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) !== 0)
+    throw new SysError('prctl(PR_SET_IO_FLUSHER)', koffi.errno());
 }
 
 /** lseek(2), synchronous: SEEK_DATA/SEEK_HOLE only consult the extent map. */

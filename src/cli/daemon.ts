@@ -323,6 +323,8 @@ export function stopOnSignals(daemon: RunningDaemon, log: Logger): void {
 
 function backendLabel(spec: ExportSpec): string {
   const b = spec.backend;
+  if (b.type === 'linear')
+    return `linear:${b.segments.map((s) => `${s.path}@${s.offset}+${s.length}`).join(',')}`;
   return b.type === 'file'
     ? `file:${b.path}`
     : b.type === 'nbd'

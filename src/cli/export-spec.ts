@@ -3,6 +3,7 @@
  * and opening their backends.
  */
 import type { Logger } from 'pino';
+import type { LinearSegment } from '../backends/linear.js';
 import type { Device } from '../core/device.js';
 import { parseSize } from '../core/size.js';
 import { EXPORT_TLS_POLICIES, type ExportTlsPolicy } from '../nbd/tls-policy.js';
@@ -10,7 +11,9 @@ import { EXPORT_TLS_POLICIES, type ExportTlsPolicy } from '../nbd/tls-policy.js'
 export type BackendSpec =
   | { type: 'file'; path: string; direct?: boolean; create?: number }
   | { type: 'memory'; size: number }
-  | { type: 'nbd'; uri: string; connections?: number };
+  | { type: 'nbd'; uri: string; connections?: number }
+  /** Pieces of other devices back to back, as a dm linear table (devfilter interpose). */
+  | { type: 'linear'; segments: LinearSegment[] };
 
 export interface ExportSpec {
   name: string;
@@ -138,6 +141,10 @@ export async function openBackend(
       ...(spec.connections !== undefined ? { connections: spec.connections } : {}),
       ...(logger !== undefined ? { logger } : {}),
     });
+  }
+  if (spec.type === 'linear') {
+    const { LinearBackend } = await import('../backends/linear.js');
+    return LinearBackend.open(spec.segments, { readOnly });
   }
   const { FileBackend } = await import('../backends/file.js');
   return FileBackend.open(spec.path, {

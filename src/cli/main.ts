@@ -26,6 +26,7 @@ import { addSnapshotCommands } from './snapshot-commands.js';
 import { addBackupCommands } from './backup-commands.js';
 import { addMirrorCommands } from './mirror-commands.js';
 import { addCdpCommands } from './cdp-commands.js';
+import { addInterposeCommands } from './interpose-commands.js';
 import { addAuditCommands } from './audit-commands.js';
 import { parseListenAddress } from './listen-address.js';
 import {
@@ -236,6 +237,7 @@ Examples:
   addBackupCommands(cmd);
   addMirrorCommands(cmd);
   addCdpCommands(cmd);
+  addInterposeCommands(cmd);
   addAuditCommands(cmd);
 
   cmd

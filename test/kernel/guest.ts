@@ -105,7 +105,16 @@ export interface GuestRunOptions {
    */
   cpus?: number;
   /** What the guest does (scripts/kernel/guest-init.sh, scenario_*); default 'ext4'. */
-  scenario?: 'ext4' | 'snapshot';
+  scenario?: 'ext4' | 'snapshot' | 'interpose';
+  /**
+   * interpose: the host's root file system is shared read-only (9p, tag hostroot) and the
+   * guest runs scripts/kernel/interpose-scenario.sh with these arguments in it; `disk` is the
+   * scratch disk (/dev/vda, a raw file).
+   */
+  scenarioArgs?: string[];
+  disk?: string;
+  /** Guest memory in MiB (default 512). */
+  memoryMiB?: number;
   /**
    * The daemon's control socket, for the guest to run `devfilter filter ...` commands on the
    * host through scripts/kernel/host-hook.mjs (guest port 10900). The snapshot scenario needs it.
@@ -174,6 +183,12 @@ export async function runGuest(guest: Guest, opts: GuestRunOptions): Promise<Gue
     `devfilter.conns=${connections}`,
     `devfilter.scenario=${opts.scenario ?? 'ext4'}`,
     `devfilter.hook=${HOOK_PORT}`,
+    ...(opts.scenario === 'interpose'
+      ? [
+          `devfilter.repo=${REPO_ROOT.replace(/\/$/, '')}`,
+          `devfilter.args=${(opts.scenarioArgs ?? []).join(',')}`,
+        ]
+      : []),
   ].join(' ');
   // restrict=on: no way out of the guest except the forwarding rules.
   const netdev = ['user', 'id=n0', 'restrict=on', ...rules].join(',');
@@ -182,7 +197,7 @@ export async function runGuest(guest: Guest, opts: GuestRunOptions): Promise<Gue
     '-M', 'pc',
     '-accel', 'tcg', // /dev/kvm may exist but cannot run a guest where the host is itself a VM
     '-cpu', 'max',
-    '-m', '512',
+    '-m', String(opts.memoryMiB ?? 512),
     '-smp', String(opts.cpus ?? 1),
     '-nographic',
     '-no-reboot',
@@ -191,6 +206,12 @@ export async function runGuest(guest: Guest, opts: GuestRunOptions): Promise<Gue
     '-append', append,
     '-netdev', netdev,
     '-device', 'virtio-net-pci,netdev=n0,romfile=', // no iPXE option ROM: saves seconds of boot
+    ...(opts.scenario === 'interpose'
+      ? [
+          '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
+          ...(opts.disk !== undefined ? ['-drive', `file=${opts.disk},format=raw,if=virtio,cache=writethrough`] : []),
+        ]
+      : []),
   ];
   const r = await run('qemu-system-x86_64', args, { timeoutMs: opts.timeoutMs ?? 150_000 });
   // eslint-disable-next-line no-control-regex
