@@ -321,9 +321,7 @@ host_root() {
     mount -t proc proc /host/proc &&
     mount -t sysfs sysfs /host/sys &&
     mount -t devtmpfs devtmpfs /host/dev &&
-    mount -t tmpfs tmpfs /host/tmp &&
-    mount -t tmpfs tmpfs /host/run &&
-    mount -t tmpfs tmpfs /host/mnt
+    mount -t tmpfs tmpfs /host/run
 }
 
 # interpose: everything happens in scripts/kernel/interpose-scenario.sh, run by the host's bash

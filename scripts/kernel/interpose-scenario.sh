@@ -1,7 +1,7 @@
 #!/bin/bash
 # The interpose scenario of the kernel test (test/kernel/interpose.test.ts). The guest's /init
 # runs it with the host's bash in the host's root file system (shared read-only over 9p, with
-# the guest's /proc, /sys, /dev, /tmp, /run and /mnt mounted into it), so it runs the host's
+# the guest's /proc, /sys, /dev and /run mounted into it), so it runs the host's
 # node, devfilter (this repository's dist/), dmsetup, nbd-client and e2fsprogs on the guest's
 # kernel, where device-mapper and nbd exist. /dev/vda is a scratch disk of at least 128 MiB.
 #
@@ -14,7 +14,12 @@
 # Prints DEVFILTER-TEST lines like /init does (PASS/FAIL/INFO/MD5); /init prints DONE.
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/tmp
+# Scratch space and the volume's mount point live on the guest's tmpfs at /run: the host's
+# /tmp and /mnt are left as they are (the repository may well be under /tmp).
+S=/run/scratch
+MNT=/run/mnt
+mkdir -p "$S" "$MNT"
+export HOME=$S TMPDIR=$S
 # No udev in the guest: libdevmapper creates /dev/mapper nodes itself.
 export DM_DISABLE_UDEV=1
 MODE=${1:-normal}
@@ -47,8 +52,8 @@ cleanup() {
   dmesg | tail -n 40
   [ -f "$STATE/daemon.log" ] && { echo "--- daemon log (tail) ---"; tail -n 30 "$STATE/daemon.log"; }
   stop_load
-  fsfreeze --unfreeze /mnt 2>/dev/null
-  umount /mnt 2>/dev/null
+  fsfreeze --unfreeze $MNT 2>/dev/null
+  umount $MNT 2>/dev/null
 }
 
 # Two linear targets, the second at an odd sector offset: the LVM case, and a test that the
@@ -63,67 +68,67 @@ make_volume() {
 }
 
 # A writer that keeps adding 64 KiB files (and their md5s, computed from the data before it is
-# written, to /tmp/written), and a reader that keeps reading a file written before and checks
-# it. Both count their errors in /tmp/errors. (Their stdio is /dev/null: step's command
+# written, to $S/written), and a reader that keeps reading a file written before and checks
+# it. Both count their errors in $S/errors. (Their stdio is /dev/null: step's command
 # substitution would otherwise wait for them to end.)
 start_load() {
-  : >/tmp/written
-  : >/tmp/errors
+  : >$S/written
+  : >$S/errors
   (
     i=0
-    while [ ! -e /tmp/stop ]; do
+    while [ ! -e $S/stop ]; do
       i=$((i + 1))
-      head -c 65536 /dev/urandom >/tmp/chunk
-      sum=$(md5sum </tmp/chunk | cut -d' ' -f1)
-      if cp /tmp/chunk "/mnt/w/$i"; then echo "$sum w/$i" >>/tmp/written; else echo "write $i" >>/tmp/errors; fi
+      head -c 65536 /dev/urandom >$S/chunk
+      sum=$(md5sum <$S/chunk | cut -d' ' -f1)
+      if cp $S/chunk "$MNT/w/$i"; then echo "$sum w/$i" >>$S/written; else echo "write $i" >>$S/errors; fi
       sleep 0.05
     done
   ) </dev/null >/dev/null 2>&1 &
-  echo $! >/tmp/writer.pid
+  echo $! >$S/writer.pid
   (
-    while [ ! -e /tmp/stop ]; do
-      sum=$(md5sum </mnt/before | cut -d' ' -f1) || echo "read" >>/tmp/errors
-      [ "$sum" = "$(cat /tmp/before.md5)" ] || echo "read mismatch $sum" >>/tmp/errors
+    while [ ! -e $S/stop ]; do
+      sum=$(md5sum <$MNT/before | cut -d' ' -f1) || echo "read" >>$S/errors
+      [ "$sum" = "$(cat $S/before.md5)" ] || echo "read mismatch $sum" >>$S/errors
       echo 1 >/proc/sys/vm/drop_caches
       sleep 0.1
     done
   ) </dev/null >/dev/null 2>&1 &
-  echo $! >/tmp/reader.pid
+  echo $! >$S/reader.pid
 }
 stop_load() {
-  touch /tmp/stop
+  touch $S/stop
   for p in writer reader; do
-    [ -e /tmp/$p.pid ] && wait "$(cat /tmp/$p.pid)" 2>/dev/null
-    rm -f /tmp/$p.pid
+    [ -e $S/$p.pid ] && wait "$(cat $S/$p.pid)" 2>/dev/null
+    rm -f $S/$p.pid
   done
   true
 }
 prepare() {
   mkfs.ext4 -q -F /dev/mapper/vol &&
-    mount -t ext4 /dev/mapper/vol /mnt &&
-    mkdir /mnt/w &&
-    head -c 4194304 /dev/urandom >/mnt/before &&
-    md5sum </mnt/before | cut -d' ' -f1 >/tmp/before.md5 &&
+    mount -t ext4 /dev/mapper/vol $MNT &&
+    mkdir $MNT/w &&
+    head -c 4194304 /dev/urandom >$MNT/before &&
+    md5sum <$MNT/before | cut -d' ' -f1 >$S/before.md5 &&
     sync
 }
 no_errors() {
-  [ -s /tmp/errors ] && { cat /tmp/errors; return 1; }
-  echo "$(wc -l </tmp/written) files written"
+  [ -s $S/errors ] && { cat $S/errors; return 1; }
+  echo "$(wc -l <$S/written) files written"
 }
 same_table() {
   local live
   live=$(dmsetup table vol)
   [ "$live" = "$TABLE" ] || { echo "table is now:"; echo "$live"; return 1; }
 }
-still_mounted() { grep -q ' /mnt ext4 ' /proc/mounts; }
+still_mounted() { grep -q " $MNT ext4 " /proc/mounts; }
 # Every file the writer wrote is there with its content, read from the disk (caches dropped).
 verify_written() {
   echo 3 >/proc/sys/vm/drop_caches
   local bad=0 n=0
   while read -r sum path; do
     n=$((n + 1))
-    [ "$(md5sum </mnt/"$path" | cut -d' ' -f1)" = "$sum" ] || { echo "bad: $path"; bad=$((bad + 1)); }
-  done </tmp/written
+    [ "$(md5sum <$MNT/"$path" | cut -d' ' -f1)" = "$sum" ] || { echo "bad: $path"; bad=$((bad + 1)); }
+  done <$S/written
   echo "$n files checked"
   [ "$bad" -eq 0 ]
 }
@@ -139,10 +144,10 @@ check_stats() {
   ' || { echo "$out"; return 1; }
 }
 snapshot() {
-  fsfreeze --freeze /mnt || return 1
+  fsfreeze --freeze $MNT || return 1
   df snapshot create s1 --export vol --control "$CTL"
   local rc=$?
-  fsfreeze --unfreeze /mnt
+  fsfreeze --unfreeze $MNT
   return $rc
 }
 fsck_snapshot() {
@@ -180,8 +185,8 @@ if [ "$MODE" = fail ]; then
   step table-restored same_table
   step still-mounted still_mounted
 else
-  mkdir -p /tmp/snap
-  VERBOSE_STEP=1 step attach df interpose attach /dev/mapper/vol --filter stats --filter snapshot:store=/tmp/snap
+  mkdir -p $S/snap
+  VERBOSE_STEP=1 step attach df interpose attach /dev/mapper/vol --filter stats --filter snapshot:store=$S/snap
   sleep 2
   VERBOSE_STEP=1 step snapshot snapshot
   VERBOSE_STEP=1 step fsck-snapshot fsck_snapshot
@@ -195,7 +200,7 @@ fi
 step stop-load stop_load
 VERBOSE_STEP=1 step no-errors no_errors
 VERBOSE_STEP=1 step verify verify_written
-step umount umount /mnt
+step umount umount $MNT
 VERBOSE_STEP=1 step fsck e2fsck -fn /dev/mapper/vol
 step remove-volume dmsetup remove vol
 exit 0
