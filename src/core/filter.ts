@@ -66,6 +66,17 @@ export interface FilterEnv {
     label: string,
     opts?: { timeoutMs?: number; commit?: () => void },
   ): Promise<void>;
+  /**
+   * Runs `command` on the first other filter of type `type` on this export (as `filter
+   * control` would): how a filter asks another for something, e.g. the access filter's
+   * write-burst guard asking a snapshot filter for a snapshot. Undefined when the export has
+   * no such filter. Never await it inside a hook: the other filter may wait for that request.
+   */
+  controlFilter?(
+    type: string,
+    command: string,
+    args: Record<string, unknown>,
+  ): Promise<unknown> | undefined;
 }
 
 /**

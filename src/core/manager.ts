@@ -447,6 +447,12 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
       unpublishExport: (name) => this.unpublishExport(owner, name),
       replaceBackend: (device, label, opts) =>
         this.replaceBackend(exp.name, device, label, opts ?? {}),
+      controlFilter: (type, command, args) => {
+        const other = exp.stack
+          .filters()
+          .find((e) => e.type.name === type && e.filter !== owner.filter);
+        return other === undefined ? undefined : this.control(exp.name, other.name, command, args);
+      },
       captureInstant: () => {
         const views: InstantView[] = [];
         for (const e of exp.stack.filters()) {

@@ -23,6 +23,7 @@ import type { MetricFamily } from '../../metrics/types.js';
 import { commandValidator, unknownCommand } from '../args.js';
 import { OP_NAMES, Op, opBit } from '../ops.js';
 import { AuditLog, DEFAULT_AUDIT_QUEUE } from './audit-log.js';
+import { BurstGuard, type BurstConfig, type Trip } from './burst.js';
 import { AUDIT, DENY, RuleSet, actionName, parseRulesDocument } from './rules.js';
 import { WormMap, WormStore, type WormRecovery } from './worm.js';
 
@@ -54,7 +55,7 @@ const ZERO = opBit(Op.ZERO);
 const CACHE = opBit(Op.CACHE);
 const BLOCK_STATUS = opBit(Op.BLOCK_STATUS);
 
-const COMMANDS = ['set-rules', 'reload', 'status', 'worm-status'] as const;
+const COMMANDS = ['set-rules', 'reload', 'status', 'worm-status', 'burst-reset'] as const;
 
 const setRulesArgs = commandValidator<{ rules: string | Record<string, unknown> }>(
   {
@@ -74,6 +75,20 @@ const setRulesArgs = commandValidator<{ rules: string | Record<string, unknown> 
 const noArgs = commandValidator<Record<string, never>>(
   { type: 'object', properties: {}, additionalProperties: false },
   'access',
+);
+const burstResetArgs = commandValidator<{ client?: string }>(
+  {
+    type: 'object',
+    properties: {
+      client: {
+        type: 'string',
+        minLength: 1,
+        description: 'one client, as burstGuard.blockedClients names it (default: all)',
+      },
+    },
+    additionalProperties: false,
+  },
+  'burst-reset',
 );
 const wormStatusArgs = commandValidator<{ offset: number; length?: number; limit: number }>(
   {
@@ -141,6 +156,8 @@ export class AccessFilter implements Filter {
   private zeroChecks = 0;
   private auditFailures = 0;
   private readonly deniedByOp = new Float64Array(OP_NAMES.length);
+  /** The write-burst guard, while the rules configure one (kept across rule swaps). */
+  private burst: BurstGuard | null = null;
 
   private constructor(
     private readonly env: FilterEnv,
@@ -155,6 +172,13 @@ export class AccessFilter implements Filter {
       parseRulesDocument(source.doc ?? EMPTY_DOC, env.below.size, map.blockSize),
       map.sealed > 0,
     );
+    this.setBurstGuard(this.rs.doc.burstGuard);
+  }
+
+  private setBurstGuard(cfg: BurstConfig | undefined): void {
+    if (cfg === undefined) this.burst = null;
+    else if (this.burst !== null) this.burst.configure(cfg);
+    else this.burst = new BurstGuard(cfg, this.env.below.size);
   }
 
   /** The prepare step: reads the rules, opens the WORM state and the audit log. */
@@ -233,8 +257,15 @@ export class AccessFilter implements Filter {
   write(next: Device, data: Buffer, offset: number, flags: number, ctx?: IoContext): Promise<void> {
     const rs = this.rs;
     if ((rs.slowMask & WRITE) === 0) return next.write(data, offset, flags, ctx);
-    return this.slow(rs, Op.WRITE, offset, data.length, ctx, next, () =>
-      next.write(data, offset, flags, ctx),
+    return this.slow(
+      rs,
+      Op.WRITE,
+      offset,
+      data.length,
+      ctx,
+      next,
+      () => next.write(data, offset, flags, ctx),
+      data,
     );
   }
 
@@ -313,6 +344,7 @@ export class AccessFilter implements Filter {
     ctx: IoContext | undefined,
     next: Device | null,
     pass: () => Promise<T>,
+    data: Buffer | null = null,
   ): Promise<T> {
     const i = rs.decide(opBit(op), op === Op.FLUSH, offset, length, ctx);
     const rule = i < 0 ? null : rs.rules[i]!;
@@ -321,6 +353,20 @@ export class AccessFilter implements Filter {
     const name = rule?.spec.name;
     if (action === DENY) {
       await this.deny(op, offset, length, ctx, label, name, 'denied by rule');
+    }
+    const guard = this.burst;
+    if (guard !== null && next !== null) {
+      const stopped = 'stopped by the write-burst guard (burst-reset lifts it)';
+      if (guard.isBlocked(ctx))
+        await this.deny(op, offset, length, ctx, 'burst-guard', undefined, stopped);
+      if (data !== null) {
+        const trip = await guard.observe(next, data, offset, ctx);
+        if (trip !== null) {
+          await this.burstTripped(trip, op, offset, length, ctx);
+          if (guard.config.action === 'deny')
+            await this.deny(op, offset, length, ctx, 'burst-guard', undefined, stopped);
+        }
+      }
     }
     if (next !== null && (rs.worm.length > 0 || this.map.sealed > 0)) {
       const why = await this.wormCheck(rs, op, offset, length, next, ctx);
@@ -341,6 +387,51 @@ export class AccessFilter implements Filter {
       }
     }
     return pass();
+  }
+
+  /**
+   * The guard tripped: an event, an audit line and, if configured, a snapshot asked of the
+   * export's snapshot filter — not awaited: it freezes writes, and this write is one of them.
+   */
+  private async burstTripped(
+    trip: Trip,
+    op: number,
+    offset: number,
+    length: number,
+    ctx: IoContext | undefined,
+  ): Promise<void> {
+    const cfg = this.burst!.config;
+    this.env.emit('access.burst', { ...trip, action: cfg.action });
+    this.env.logger.warn({ trip }, 'write-burst guard tripped');
+    try {
+      await this.record(
+        op,
+        offset,
+        length,
+        ctx,
+        'burst-guard',
+        undefined,
+        'burst',
+        'detected',
+        `${trip.bytes} bytes of high-entropy overwrites in ${trip.windowSeconds} s (entropy ${trip.entropy.toFixed(2)} bits/byte)`,
+      );
+    } catch {
+      this.auditFailures++;
+    }
+    if (!cfg.snapshot) return;
+    const name = `burst-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+    const take = this.env.controlFilter?.('snapshot', 'take', { name });
+    if (take === undefined) {
+      this.env.emit('access.burst-snapshot', { error: 'no snapshot filter on this export' });
+      return;
+    }
+    take.then(
+      () => this.env.emit('access.burst-snapshot', { name }),
+      (err: unknown) => {
+        this.env.logger.error({ err: (err as Error).message }, 'burst snapshot failed');
+        this.env.emit('access.burst-snapshot', { name, error: (err as Error).message });
+      },
+    );
   }
 
   /** Records a denial (best effort: the client gets EPERM whatever the log does) and throws. */
@@ -517,6 +608,14 @@ export class AccessFilter implements Filter {
         const a = wormStatusArgs(args);
         return this.wormStatus(a.offset, a.length, a.limit);
       }
+      case 'burst-reset': {
+        const a = burstResetArgs(args);
+        if (this.burst === null)
+          throw new FilterCommandError('burst-reset: the rules configure no burstGuard');
+        const lifted = this.burst.reset(a.client);
+        this.env.emit('access.burst-reset', { clients: lifted });
+        return { lifted };
+      }
       default:
         throw unknownCommand('access', command, COMMANDS);
     }
@@ -531,6 +630,7 @@ export class AccessFilter implements Filter {
         `worm: the new rules drop or shrink write-once ranges (${JSON.stringify(this.rs.doc.worm)}); write-once ranges can only grow while the filter is attached`,
       );
     this.rs = next;
+    this.setBurstGuard(doc.burstGuard);
     this.rulesFile = source.file;
     this.loadedAt = new Date().toISOString();
     this.generation++;
@@ -590,6 +690,7 @@ export class AccessFilter implements Filter {
         persistence: this.persistence(),
       },
       auditLog: this.audit?.stats() ?? null,
+      burstGuard: this.burst?.status() ?? null,
     };
   }
 

@@ -15,6 +15,7 @@ import type { ClientInfo, IoContext } from '../../core/device.js';
 import { FilterCommandError } from '../../core/filter.js';
 import { parseSize } from '../../core/size.js';
 import { ALL_OPS_MASK, Op, opBit, opsOf, parseOps } from '../ops.js';
+import { BURST_GUARD_SCHEMA, burstConfigOf, type BurstConfig } from './burst.js';
 
 export const ACTIONS = ['allow', 'deny', 'audit'] as const;
 export type Action = (typeof ACTIONS)[number];
@@ -91,6 +92,7 @@ export const RULES_DOCUMENT_SCHEMA = {
     },
     rules: { type: 'array', items: RULE_SCHEMA, maxItems: MAX_RULES },
     worm: rangeSchema,
+    burstGuard: BURST_GUARD_SCHEMA,
   },
   additionalProperties: false,
 } as const;
@@ -156,6 +158,8 @@ export interface RulesDocument {
   rules: RuleSpec[];
   /** Write-once ranges, merged and sorted. */
   worm: Array<[number, number]>;
+  /** The write-burst guard, if configured. */
+  burstGuard?: BurstConfig;
 }
 
 /** Sorted, merged [start, end) pairs from `[s, e]` or `[[s, e], ...]`. */
@@ -247,6 +251,7 @@ export function parseRulesDocument(
     default?: Action;
     rules?: Array<Record<string, unknown>>;
     worm?: unknown;
+    burstGuard?: Record<string, unknown>;
   };
   const rules = (doc.rules ?? []).map((r, i): RuleSpec => {
     const where = `rules[${i}]`;
@@ -299,7 +304,12 @@ export function parseRulesDocument(
   });
   const worm =
     doc.worm === undefined ? [] : parseRanges(doc.worm, 'worm', size, Math.max(1, wormBlockSize));
-  return { default: doc.default ?? 'allow', rules, worm };
+  return {
+    default: doc.default ?? 'allow',
+    rules,
+    worm,
+    ...(doc.burstGuard !== undefined ? { burstGuard: burstConfigOf(doc.burstGuard) } : {}),
+  };
 }
 
 // ---- the compiled form ---------------------------------------------------------------------------
@@ -418,7 +428,7 @@ export class RuleSet {
     this.worm = Float64Array.from(doc.worm.flat());
     let mask = this.defaultAction === ALLOW ? 0 : ALL_OPS_MASK;
     for (const r of this.rules) if (r.action !== ALLOW) mask |= r.opMask;
-    if (this.worm.length > 0 || sealedBlocks) mask |= WRITE_LIKE;
+    if (this.worm.length > 0 || sealedBlocks || doc.burstGuard !== undefined) mask |= WRITE_LIKE;
     this.slowMask = mask;
   }
 
