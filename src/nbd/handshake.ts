@@ -471,8 +471,9 @@ export class Negotiator {
    */
   private tlsRefusal(exp: NbdExport | undefined): { type: number; message: string } | undefined {
     if (this.opts.tls === undefined || this.tlsPeer !== undefined) return undefined;
-    if (exp === undefined ? !this.anyTlsOnly || this.tlsMode === 'notls' : !this.requiresTls(exp))
-      return undefined;
+    // An unknown name gets the same answer as a TLS-only export while there are any: a plain
+    // client must not learn which names exist by the difference.
+    if (exp === undefined ? !this.anyTlsOnly : !this.requiresTls(exp)) return undefined;
     if (this.tlsMode === 'notls')
       return { type: Rep.ERR_POLICY, message: 'this export requires TLS (and fixed newstyle)' };
     return {
