@@ -8,7 +8,8 @@
  * history and fails writes with ENOSPC until `resume`.
  */
 import assert from 'node:assert/strict';
-import { openSync } from 'node:fs';
+import { openSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import type { Device } from '../../src/core/device.js';
 import type { NbdClient } from '../../src/nbd/client.js';
@@ -178,6 +179,26 @@ describe('cdp retention and journal failures', () => {
     assert.equal(st.marks, 0, 'the old marks are gone with their history');
     assert.match(st.recovery.notes.join('\n'), /history given up/);
     await assert.rejects(fx.control('cdp', 'view', { mark: 'a' }), /no mark named "a"/);
+  });
+
+  test('a segment lost in the middle: the history before it goes, the rest stays exact', async () => {
+    const args = { dir: dir.path, segmentSize: '64K' };
+    await fx.manager.createFilter('mem', 'cdp', { name: 'cdp', args });
+    const model = Buffer.alloc(SIZE);
+    const states = new Map<number, Buffer>();
+    await writeTimed(40, model, states);
+    await fx.manager.removeFilter('mem', 'cdp', { policy: 'keep' });
+    const segs = readdirSync(dir.path)
+      .filter((n) => n.endsWith('.seg'))
+      .sort();
+    assert.ok(segs.length > 4, `${segs.length} segments`);
+    rmSync(join(dir.path, segs[2]!));
+    await fx.manager.createFilter('mem', 'cdp', { name: 'cdp', args });
+    const st = fx.status<Status & { recovery: { notes: string[] } }>('cdp');
+    assert.match(st.recovery.notes.join('\n'), /the history before it dropped/);
+    assert.ok(st.oldest.point > 0);
+    await assert.rejects(fx.control('cdp', 'view', { seq: st.oldest.point - 1 }), /older than/);
+    for (const [p, want] of states) if (p >= st.oldest.point) await viewEquals(p, want);
   });
 
   function breakJournal(): void {

@@ -246,8 +246,16 @@ export class Journal {
         headerRead = true;
         if (h.historyId !== this.historyId || h.segmentNo !== no || h.blockSize !== this.blockSize)
           throw new FormatError(`segment ${n} belongs to another history`);
-        if (expectSeq !== null && h.firstSeq !== expectSeq)
-          throw new FormatError(`segment ${n} starts at change ${h.firstSeq}, not ${expectSeq}`);
+        if (expectSeq !== null && h.firstSeq !== expectSeq) {
+          // A gap (a segment lost in between): this one and the newer ones are whole; the
+          // points before the gap cannot be rebuilt, so the older segments go.
+          report.notes.push(
+            `segment ${n} starts at change ${h.firstSeq}, not ${expectSeq}: the history before it dropped`,
+          );
+          await this.dropScanned(o);
+          report.segments = 0;
+          dropped = true;
+        }
         seg.firstSeq = h.firstSeq;
         seg.createdMs = h.createdMs;
         seg.lastSeq = h.firstSeq - 1;
@@ -279,15 +287,23 @@ export class Journal {
         // everything older; the history goes on from the next segment.
         report.notes.push(`${err.message}: history up to it dropped`);
         this.logger.warn({ segment: n, err: err.message }, 'cdp journal segment dropped');
-        for (const s of this.segments) await closeFd(s.fd);
-        for (const s of [...this.segments, seg]) await fs.promises.rm(s.path, { force: true });
-        this.segments.length = 0;
+        await fs.promises.rm(seg.path, { force: true });
+        await this.dropScanned(o);
         report.segments = 0;
         expectSeq = null;
-        o.onDiscard();
       }
     }
     if (dropped) await fsyncDir(this.dir);
+  }
+
+  /** Forgets and deletes the segments scanned so far (older than a gap or a bad segment). */
+  private async dropScanned(o: OpenOptions): Promise<void> {
+    for (const s of this.segments) {
+      await closeFd(s.fd);
+      await fs.promises.rm(s.path, { force: true });
+    }
+    this.segments.length = 0;
+    o.onDiscard();
   }
 
   /** Reads the records of one segment; returns where the valid ones end. */
