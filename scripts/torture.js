@@ -37,6 +37,7 @@ const scenarios = [
   ['churn', { churn: true }],
   ['deep queue', { depth: 32, blocks: 1024 }],
   ['snapshots', { snapshots: true }],
+  ['cdp', { cdp: true }],
 ];
 const deadline = Date.now() + minutes * 60_000;
 let seed = values.seed !== undefined ? Number(values.seed) : Date.now() % 1_000_000;
@@ -70,6 +71,6 @@ while (Date.now() < deadline) {
 console.log(
   `torture: ${totals.rounds} kill -9 rounds, ${totals.requests} requests (${totals.acknowledged} acknowledged), ` +
     `${totals.stackChanges} stack changes, ${totals.lost} durable blocks lost or images wrong; ` +
-    `snapshots after restart: ${totals.snapshotsIntact} intact, ${totals.snapshotsFailed} failed`,
+    `snapshots and cdp mark views after restart: ${totals.snapshotsIntact} intact, ${totals.snapshotsFailed} failed`,
 );
 process.exit(failed ? 1 : 0);

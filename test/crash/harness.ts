@@ -37,6 +37,12 @@ export interface RoundOptions {
    * failed, and every acknowledged take must still exist.
    */
   snapshots?: boolean;
+  /**
+   * Keep making cdp marks while the workload runs, with a `cdp` filter at the bottom of the
+   * stack; after the restart every acknowledged mark must be listed, and its view must read a
+   * content allowed at its instant, as a snapshot image must.
+   */
+  cdp?: boolean;
 }
 
 export interface RoundResult {
@@ -119,6 +125,7 @@ async function startDaemon(
   const filters = [...(opts.filters ?? [])];
   // Declared in the config so that a restarted daemon re-attaches it before serving anyone.
   if (opts.snapshots) filters.push({ type: 'snapshot', args: { store: join(dir, 'store') } });
+  if (opts.cdp) filters.push({ type: 'cdp', name: 'cdp', args: { dir: join(dir, 'journal') } });
   writeFileSync(
     config,
     JSON.stringify({
@@ -174,33 +181,75 @@ async function checkSnapshots(
       failed.push(`${take.name}: ${s.reason}`);
       continue;
     }
-    const image = await NbdClient.fromUri(
-      `nbd+unix:///${encodeURIComponent(s.image)}?socket=${join(dir, 'nbd.sock')}`,
-    );
-    try {
-      for (let b = 0; b < history.length; b++) {
-        const actual = await image.read(b * BLOCK, BLOCK);
-        const from = take.from[b]!;
-        const until = take.until?.[b] ?? history[b]!.length;
-        const candidates: Content[] = from < 0 ? [{ kind: 'zero' }] : [];
-        for (const v of history[b]!.slice(Math.max(from, 0), until)) candidates.push(v.content);
-        if (!candidates.some((c) => matches(actual, b, c))) {
-          wrong.push(
-            `snapshot ${take.name} block ${b}: found block ${actual.readUInt32LE(0)} ` +
-              `version ${actual.readUInt32LE(4)}, not a content of its instant`,
-          );
-          break;
-        }
-      }
-    } finally {
-      await image.disconnect();
-    }
+    const bad = await checkImage(dir, s.image, take, history);
+    if (bad !== null) wrong.push(`snapshot ${take.name} ${bad}`);
     intact++;
   }
   for (const s of listed) {
     if (!takes.some((t) => t.name === s.name)) wrong.push(`snapshot ${s.name}: never taken`);
   }
   return { intact, failed, wrong };
+}
+
+/**
+ * Reads export `name` (an image of an instant) block by block; null if every block holds a
+ * content allowed at the instant of `take`, else what is wrong with the first that does not.
+ */
+async function checkImage(
+  dir: string,
+  name: string,
+  take: Take,
+  history: Version[][],
+): Promise<string | null> {
+  const image = await NbdClient.fromUri(
+    `nbd+unix:///${encodeURIComponent(name)}?socket=${join(dir, 'nbd.sock')}`,
+  );
+  try {
+    for (let b = 0; b < history.length; b++) {
+      const actual = await image.read(b * BLOCK, BLOCK);
+      const from = take.from[b]!;
+      const until = take.until?.[b] ?? history[b]!.length;
+      const candidates: Content[] = from < 0 ? [{ kind: 'zero' }] : [];
+      for (const v of history[b]!.slice(Math.max(from, 0), until)) candidates.push(v.content);
+      if (!candidates.some((c) => matches(actual, b, c)))
+        return (
+          `block ${b}: found block ${actual.readUInt32LE(0)} ` +
+          `version ${actual.readUInt32LE(4)}, not a content of its instant`
+        );
+    }
+    return null;
+  } finally {
+    await image.disconnect();
+  }
+}
+
+/** After the restart: every acknowledged cdp mark is listed, and its view reads its instant. */
+async function checkMarks(
+  dir: string,
+  marks: Take[],
+  history: Version[][],
+): Promise<{ intact: number; failed: string[]; wrong: string[] }> {
+  const control = join(dir, 'control.sock');
+  const cmd = (command: string, args: Record<string, unknown> = {}) =>
+    callOnce(control, 'filter.control', { export: 'disk', name: 'cdp', command, args });
+  const listed = (await cmd('marks')) as Array<{ name: string }>;
+  const wrong: string[] = [];
+  let intact = 0;
+  for (const mark of marks) {
+    if (!listed.some((m) => m.name === mark.name)) {
+      if (mark.until !== undefined)
+        wrong.push(`mark ${mark.name}: acknowledged, missing after the restart`);
+      continue;
+    }
+    const view = (await cmd('view', { mark: mark.name })) as { name: string };
+    const bad = await checkImage(dir, view.name, mark, history);
+    await cmd('close-view', { name: view.name });
+    if (bad !== null) wrong.push(`mark ${mark.name} ${bad}`);
+    else intact++;
+  }
+  for (const m of listed)
+    if (!marks.some((t) => t.name === m.name)) wrong.push(`mark ${m.name}: never made`);
+  return { intact, failed: [], wrong };
 }
 
 export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
@@ -345,6 +394,32 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
       }
     };
 
+    const marks: Take[] = [];
+    const marker = async (): Promise<void> => {
+      const control = join(dir.path, 'control.sock');
+      for (let i = 1; !killed; i++) {
+        await sleep(Math.floor(rand() * 80));
+        if (killed) return;
+        const mark: Take = {
+          name: `m${i}`,
+          from: Int32Array.from(history, (h) => h.findLastIndex((v) => v.acked)),
+        };
+        marks.push(mark);
+        try {
+          await callOnce(control, 'filter.control', {
+            export: 'disk',
+            name: 'cdp',
+            command: 'mark',
+            args: { name: mark.name },
+          });
+          mark.until = Int32Array.from(history, (h) => h.length);
+        } catch (err) {
+          if (!killed) throw err;
+          return;
+        }
+      }
+    };
+
     const worker = async (): Promise<void> => {
       while (!killed) {
         try {
@@ -358,6 +433,7 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
       ...Array.from({ length: depth }, worker),
       opts.churn ? churn() : Promise.resolve(),
       opts.snapshots ? snapshotter() : Promise.resolve(),
+      opts.cdp ? marker() : Promise.resolve(),
       killer,
     ]);
     await client.close();
@@ -384,7 +460,9 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
     await reader.disconnect();
     const checked = opts.snapshots
       ? await checkSnapshots(dir.path, takes, history)
-      : { intact: 0, failed: [], wrong: [] };
+      : opts.cdp
+        ? await checkMarks(dir.path, marks, history)
+        : { intact: 0, failed: [], wrong: [] };
     lost.push(...checked.wrong);
     return {
       seed: opts.seed,
