@@ -38,6 +38,7 @@ const scenarios = [
   ['deep queue', { depth: 32, blocks: 1024 }],
   ['snapshots', { snapshots: true }],
   ['cdp', { cdp: true }],
+  ['cutover', { cutover: true }],
 ];
 const deadline = Date.now() + minutes * 60_000;
 let seed = values.seed !== undefined ? Number(values.seed) : Date.now() % 1_000_000;

@@ -27,6 +27,10 @@ const scenarios: Array<[string, Omit<RoundOptions, 'seed'>]> = [
   ['filters created and removed while the daemon is killed', { churn: true }],
   ['snapshots taken and deleted all along, images checked after the restart', { snapshots: true }],
   ['cdp marks made all along, their views checked after the restart', { cdp: true }],
+  [
+    'a mirror cut over at a random moment: the source or the target, whichever is current',
+    { cutover: true },
+  ],
 ];
 
 for (const [i, [name, opts]] of scenarios.entries()) {
@@ -42,6 +46,10 @@ for (const [i, [name, opts]] of scenarios.entries()) {
       assert.ok(r.acknowledged > 0, `seed ${seed}: no request completed before the kill`);
       if (opts.churn)
         assert.ok(r.stackChanges > 0, `seed ${seed}: the stack never changed before the kill`);
+      if (opts.cutover)
+        t.diagnostic(
+          `seed ${seed}: ${r.cutOver ? 'cut over: the target checked' : 'not cut over: the source checked'}; ${r.cutoverRefusals} cutover(s) refused first`,
+        );
       if (opts.cdp) {
         t.diagnostic(`seed ${seed}: ${r.snapshotsIntact} mark view(s) intact after the restart`);
         assert.ok(r.snapshotsIntact > 0, `seed ${seed}: no mark to check after the restart`);

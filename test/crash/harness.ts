@@ -9,7 +9,7 @@
  * after the crash are exactly: its last durable version or any version written after it.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -43,9 +43,20 @@ export interface RoundOptions {
    * content allowed at its instant, as a snapshot image must.
    */
   cdp?: boolean;
+  /**
+   * A sync-mode `mirror` filter to a second file, and a cutover at a random moment: the kill
+   * may land before, during or after it. After the restart on the same config the daemon must
+   * refuse the source if a cutover may have switched (its record says so) — then the target is
+   * checked instead — and must refuse it whenever the cutover was acknowledged.
+   */
+  cutover?: boolean;
 }
 
 export interface RoundResult {
+  /** The daemon refused the old source after the restart: the target was checked. */
+  cutOver?: boolean;
+  /** Cutovers refused (nothing changed) before one went through or the kill came. */
+  cutoverRefusals?: number;
   seed: number;
   requests: number;
   acknowledged: number;
@@ -123,6 +134,12 @@ async function startDaemon(
   const config = join(dir, 'devfilter.yaml');
   const socket = join(dir, 'nbd.sock');
   const filters = [...(opts.filters ?? [])];
+  if (opts.cutover)
+    filters.push({
+      type: 'mirror',
+      name: 'mirror',
+      args: { target: join(dir, 'target.img'), mode: 'sync', stateDir: join(dir, 'mirror') },
+    });
   // Declared in the config so that a restarted daemon re-attaches it before serving anyone.
   if (opts.snapshots) filters.push({ type: 'snapshot', args: { store: join(dir, 'store') } });
   if (opts.cdp) filters.push({ type: 'cdp', name: 'cdp', args: { dir: join(dir, 'journal') } });
@@ -269,10 +286,18 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
   let stackChanges = 0;
   let daemon: Daemon | undefined;
   try {
+    if (opts.cutover) {
+      mkdirSync(join(dir.path, 'mirror'));
+      writeFileSync(join(dir.path, 'target.img'), '');
+      truncateSync(join(dir.path, 'target.img'), blocks * BLOCK);
+    }
     daemon = await startDaemon(dir.path, image, blocks, opts);
     const client = await NbdClient.fromUri(uri);
     let killed = false;
-    const killAfter = opts.killAfterMs ?? 100 + Math.floor(rand() * 500);
+    // A cutover takes a few hundred ms (drain, flush, swap): give some rounds time to finish.
+    const killAfter =
+      opts.killAfterMs ??
+      (opts.cutover ? 200 + Math.floor(rand() * 1500) : 100 + Math.floor(rand() * 500));
     // With churn, the clock starts at the first stack change, so every round kills the daemon
     // with the stack changing, however slowly a loaded machine gets there.
     let firstChange!: () => void;
@@ -420,6 +445,30 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
       }
     };
 
+    let cutoverAcked = false;
+    let cutoverRefusals = 0;
+    const cutter = async (): Promise<void> => {
+      await sleep(50 + Math.floor(rand() * 300));
+      // A cutover refused with nothing changed (writes took the mirror out of sync meanwhile)
+      // is an answer an operator gets and retries.
+      while (!killed && !cutoverAcked) {
+        try {
+          await callOnce(join(dir.path, 'control.sock'), 'filter.control', {
+            export: 'disk',
+            name: 'mirror',
+            command: 'cutover',
+            args: { wait: 10_000 },
+          });
+          cutoverAcked = true;
+        } catch (err) {
+          if (killed) return;
+          if (!/nothing changed/.test((err as Error).message)) throw err;
+          cutoverRefusals++;
+          await sleep(10);
+        }
+      }
+    };
+
     const worker = async (): Promise<void> => {
       while (!killed) {
         try {
@@ -434,13 +483,28 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
       opts.churn ? churn() : Promise.resolve(),
       opts.snapshots ? snapshotter() : Promise.resolve(),
       opts.cdp ? marker() : Promise.resolve(),
+      opts.cutover ? cutter() : Promise.resolve(),
       killer,
     ]);
     await client.close();
     await daemon.exited;
 
-    // Restart on the same file and check every block.
-    daemon = await startDaemon(dir.path, image, blocks, opts);
+    // Restart on the same file and check every block — or, after a cutover, on the target.
+    let cutOver = false;
+    if (opts.cutover) {
+      try {
+        daemon = await startDaemon(dir.path, image, blocks, opts);
+      } catch (err) {
+        if (!/cut over|cutover/i.test((err as Error).message)) throw err;
+        cutOver = true;
+        daemon = await startDaemon(dir.path, join(dir.path, 'target.img'), blocks, {
+          ...opts,
+          cutover: false,
+        });
+      }
+      if (cutoverAcked && !cutOver)
+        throw new Error('the cutover was acknowledged, yet the daemon served the old source');
+    } else daemon = await startDaemon(dir.path, image, blocks, opts);
     const reader = await NbdClient.fromUri(uri);
     const lost: string[] = [];
     let durableBlocks = 0;
@@ -466,6 +530,8 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
     lost.push(...checked.wrong);
     return {
       seed: opts.seed,
+      cutOver,
+      cutoverRefusals,
       requests,
       acknowledged,
       durableBlocks,
