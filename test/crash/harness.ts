@@ -9,7 +9,7 @@
  * after the crash are exactly: its last durable version or any version written after it.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -287,7 +287,6 @@ export async function crashRound(opts: RoundOptions): Promise<RoundResult> {
   let daemon: Daemon | undefined;
   try {
     if (opts.cutover) {
-      mkdirSync(join(dir.path, 'mirror'));
       writeFileSync(join(dir.path, 'target.img'), '');
       truncateSync(join(dir.path, 'target.img'), blocks * BLOCK);
     }

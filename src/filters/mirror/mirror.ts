@@ -39,6 +39,7 @@ import {
 } from './cutover-record.js';
 import { readState, removeState, statePath, writeState } from './state-file.js';
 import { isNbdUri, openTarget, type OpenedTarget } from './target.js';
+import { makeDirs } from '../../core/make-dirs.js';
 
 export type MirrorMode = 'background' | 'sync';
 export type MirrorStateName = 'copying' | 'synced' | 'paused' | 'failed' | 'cancelled' | 'cutover';
@@ -196,6 +197,9 @@ export class MirrorFilter implements Filter {
       let file: string | null = null;
       let resumed = 'new';
       if (args.stateDir !== undefined) {
+        // Made if missing, like the other filters' state directories (a bare ENOENT from the
+        // first state write would say nothing useful).
+        await makeDirs(args.stateDir, 0o700);
         file = statePath(args.stateDir, env.exportName, env.filterName);
         let saved;
         try {
