@@ -76,7 +76,15 @@ export function clientTlsOptions(u: NbdUri): tls.ConnectionOptions {
     // SNI must not carry an address (RFC 6066); the certificate is still checked against it.
     opts.checkServerIdentity = (_name, cert) => tls.checkServerIdentity(hostname, cert);
   else if (hostname !== undefined) opts.servername = hostname;
-  // Over a unix socket without tls-hostname there is no name to check; the chain still is.
-  else opts.checkServerIdentity = () => undefined;
+  else {
+    // Over a unix socket without tls-hostname there is no name to check, only the chain: that
+    // proves something only against a CA of one's own, not the system's public ones (any
+    // public certificate would do).
+    if (opts.rejectUnauthorized !== false && opts.ca === undefined)
+      throw new Error(
+        'nbds+unix: give tls-certificates=DIR with a ca-cert.pem, or tls-hostname=NAME, so that the server can be verified',
+      );
+    opts.checkServerIdentity = () => undefined;
+  }
   return opts;
 }

@@ -104,6 +104,11 @@ describe('NbdClient over TLS', () => {
       `nbds+unix:///disk?socket=${q(socket)}&tls-certificates=${q(otherCa)}&tls-verify-peer=false`,
     );
     await unchecked.disconnect();
+    // Over a unix socket with neither a CA of one's own nor a name, nothing could be verified.
+    await assert.rejects(
+      NbdClient.fromUri(`nbds+unix:///disk?socket=${q(socket)}`),
+      /give tls-certificates=DIR with a ca-cert\.pem, or tls-hostname=NAME/,
+    );
   });
 
   it('PSK: the user of the URI is the identity', async (t) => {
