@@ -127,4 +127,13 @@ test('a simulated encryption sweep trips the guard; ordinary writes do not', asy
   const lifted = await fx.control<{ lifted: string[] }>('access', 'burst-reset', {});
   assert.equal(lifted.lifted.length, 1);
   await victim.write(10 * MiB, text(4096));
+
+  // A sweep with 64 writes in flight at once: the trip comes at the 33rd 64 KiB (2 MiB), and
+  // no write that finishes its check after the trip goes down, however they interleave.
+  const results = await Promise.allSettled(
+    Array.from({ length: 64 }, (_, i) => victim.write(i * 64 * KiB, pattern(64 * KiB, 1000 + i))),
+  );
+  const passed = results.filter((r) => r.status === 'fulfilled').length;
+  assert.ok(passed <= 32, `${passed} of 64 concurrent sweep writes went down (at most 32 may)`);
+  assert.equal(fx.status<Status>('access').burstGuard.trips, 2, 'a reset guard trips again');
 });

@@ -158,6 +158,7 @@ export class AccessFilter implements Filter {
   private readonly deniedByOp = new Float64Array(OP_NAMES.length);
   /** The write-burst guard, while the rules configure one (kept across rule swaps). */
   private burst: BurstGuard | null = null;
+  private burstSnapshots = 0;
 
   private constructor(
     private readonly env: FilterEnv,
@@ -361,11 +362,10 @@ export class AccessFilter implements Filter {
         await this.deny(op, offset, length, ctx, 'burst-guard', undefined, stopped);
       if (data !== null) {
         const trip = await guard.observe(next, data, offset, ctx);
-        if (trip !== null) {
-          await this.burstTripped(trip, op, offset, length, ctx);
-          if (guard.config.action === 'deny')
-            await this.deny(op, offset, length, ctx, 'burst-guard', undefined, stopped);
-        }
+        if (trip !== null) this.burstTripped(trip, op, offset, length, ctx);
+        // Again after the wait: a concurrent write of the same client may have tripped it.
+        if (guard.isBlocked(ctx))
+          await this.deny(op, offset, length, ctx, 'burst-guard', undefined, stopped);
       }
     }
     if (next !== null && (rs.worm.length > 0 || this.map.sealed > 0)) {
@@ -393,33 +393,35 @@ export class AccessFilter implements Filter {
    * The guard tripped: an event, an audit line and, if configured, a snapshot asked of the
    * export's snapshot filter — not awaited: it freezes writes, and this write is one of them.
    */
-  private async burstTripped(
+  private burstTripped(
     trip: Trip,
     op: number,
     offset: number,
     length: number,
     ctx: IoContext | undefined,
-  ): Promise<void> {
+  ): void {
     const cfg = this.burst!.config;
     this.env.emit('access.burst', { ...trip, action: cfg.action });
     this.env.logger.warn({ trip }, 'write-burst guard tripped');
-    try {
-      await this.record(
-        op,
-        offset,
-        length,
-        ctx,
-        'burst-guard',
-        undefined,
-        'burst',
-        'detected',
-        `${trip.bytes} bytes of high-entropy overwrites in ${trip.windowSeconds} s (entropy ${trip.entropy.toFixed(2)} bits/byte)`,
-      );
-    } catch {
-      this.auditFailures++;
-    }
-    if (!cfg.snapshot) return;
-    const name = `burst-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+    // The snapshot first (its instant as early as can be), then the audit line.
+    if (cfg.snapshot) this.burstSnapshot();
+    this.record(
+      op,
+      offset,
+      length,
+      ctx,
+      'burst-guard',
+      undefined,
+      'burst',
+      'detected',
+      `${trip.bytes} bytes of high-entropy overwrites in ${trip.windowSeconds} s (entropy ${trip.entropy.toFixed(2)} bits/byte)`,
+    ).catch(() => this.auditFailures++);
+  }
+
+  /** Asks the export's snapshot filter for a snapshot; never awaited (see burstTripped). */
+  private burstSnapshot(): void {
+    // Unique even when two clients trip in the same millisecond.
+    const name = `burst-${new Date().toISOString().replace(/[:.]/g, '-')}-${++this.burstSnapshots}`;
     const take = this.env.controlFilter?.('snapshot', 'take', { name });
     if (take === undefined) {
       this.env.emit('access.burst-snapshot', { error: 'no snapshot filter on this export' });

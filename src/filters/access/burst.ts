@@ -5,7 +5,9 @@
  * client refused from then on (and a snapshot asked of the export's snapshot filter).
  *
  * "Held data": written through the filter since it was attached, or reported allocated by
- * the device below (asked once per block, when a write first touches it). Entropy is the
+ * the device below (asked when a write first touches a block; one bit per 4 KiB block seen,
+ * in pages allocated as blocks are first written: 32 MiB per TiB written at most). A device
+ * without block status makes every block count as holding data. Entropy is the
  * Shannon entropy of the written bytes, in bits per byte (8 for random data, 4–5 for text),
  * sampled over at most SAMPLE_BYTES per request. The rate is the bytes of such overwrites in
  * a sliding window of whole seconds.
@@ -124,8 +126,8 @@ export interface Trip {
 }
 
 export class BurstGuard {
-  private readonly known = new PagedBits();
-  private readonly data = new PagedBits();
+  /** Blocks the guard has looked at: written through the filter, or asked about below. */
+  private readonly seen = new PagedBits();
   private readonly clients = new Map<string, ClientWindow>();
   private readonly blocked = new Set<string>();
   trips = 0;
@@ -137,6 +139,8 @@ export class BurstGuard {
   ) {}
 
   configure(cfg: BurstConfig): void {
+    // Windows of another length would be compared with the new budget: start them over.
+    if (cfg.windowSeconds !== this.cfg.windowSeconds) this.clients.clear();
     this.cfg = cfg;
   }
 
@@ -148,13 +152,12 @@ export class BurstGuard {
     return this.blocked.size > 0 && this.blocked.has(clientKey(ctx));
   }
 
-  /** Unblocks one client (by key) or all; resets their windows. */
+  /** Unblocks one client (by key) or all, and re-arms their windows (all, without a key). */
   reset(key?: string): string[] {
     const keys = key === undefined ? [...this.blocked] : [key];
-    for (const k of keys) {
-      this.blocked.delete(k);
-      this.clients.delete(k);
-    }
+    for (const k of keys) this.blocked.delete(k);
+    if (key === undefined) this.clients.clear();
+    else this.clients.delete(key);
     return keys;
   }
 
@@ -172,18 +175,18 @@ export class BurstGuard {
     if (length === 0) return null;
     const b0 = Math.floor(offset / BLOCK);
     const b1 = Math.ceil((offset + length) / BLOCK);
-    let unknown = false;
-    for (let b = b0; b < b1 && !unknown; b++) if (!this.known.get(b)) unknown = true;
-    if (unknown) await this.learn(next, b0, b1);
+    // Blocks never seen are asked about below: the device knows which hold data.
+    let firstUnseen = -1;
+    for (let b = b0; b < b1 && firstUnseen < 0; b++) if (!this.seen.get(b)) firstUnseen = b;
+    const held = firstUnseen < 0 ? null : await this.heldData(next, b0, b1);
     let overwritten = 0;
     for (let b = b0; b < b1; b++) {
-      if (this.data.get(b)) {
+      if (held === null ? true : this.seen.get(b) || held.has(b)) {
         const from = Math.max(offset, b * BLOCK);
         const to = Math.min(offset + length, (b + 1) * BLOCK);
         overwritten += to - from;
       }
-      this.known.set(b);
-      this.data.set(b);
+      this.seen.set(b);
     }
     if (overwritten === 0) return null;
     const entropy = entropyOf(data);
@@ -191,7 +194,8 @@ export class BurstGuard {
     this.suspiciousBytes += overwritten;
     const key = clientKey(ctx);
     const w = this.window(key);
-    const now = Math.floor(Date.now() / 1000);
+    // A monotonic clock: a wall-clock step back must not revive old slots.
+    const now = Math.floor(performance.now() / 1000);
     const slot = now % w.bytes.length;
     if (w.seconds[slot] !== now) {
       w.seconds[slot] = now;
@@ -201,7 +205,13 @@ export class BurstGuard {
     let sum = 0;
     for (let i = 0; i < w.bytes.length; i++)
       if (now - w.seconds[i]! < w.bytes.length) sum += w.bytes[i]!;
-    if (w.tripped || sum <= this.cfg.bytesPerSecond * this.cfg.windowSeconds) return null;
+    if (sum <= this.cfg.bytesPerSecond * this.cfg.windowSeconds) {
+      // Back under the limit: the next burst alerts again (with deny, the client stays
+      // stopped until burst-reset).
+      w.tripped = false;
+      return null;
+    }
+    if (w.tripped) return null;
     w.tripped = true;
     w.trippedAt = new Date().toISOString();
     this.trips++;
@@ -209,8 +219,9 @@ export class BurstGuard {
     return { client: key, bytes: sum, windowSeconds: this.cfg.windowSeconds, entropy };
   }
 
-  /** Marks blocks [b0, b1) known, and those the device reports as data as holding data. */
-  private async learn(next: Device, b0: number, b1: number): Promise<void> {
+  /** The blocks of [b0, b1) that the device below reports as holding data. */
+  private async heldData(next: Device, b0: number, b1: number): Promise<Set<number> | null> {
+    const held = new Set<number>();
     let pos = b0 * BLOCK;
     const end = Math.min(b1 * BLOCK, this.size);
     try {
@@ -221,15 +232,14 @@ export class BurstGuard {
           if (pos >= end) break;
           const len = Math.min(e.length, end - pos);
           if ((e.state & (ExtentState.HOLE | ExtentState.ZERO)) === 0)
-            for (let b = Math.floor(pos / BLOCK); b * BLOCK < pos + len; b++) this.data.set(b);
+            for (let b = Math.floor(pos / BLOCK); b * BLOCK < pos + len; b++) held.add(b);
           pos += len;
         }
       }
+      return held;
     } catch {
-      // No block status below: count every block as holding data (the cautious side).
-      for (let b = b0; b < b1; b++) this.data.set(b);
+      return null; // no block status below: every block counts as holding data (cautious)
     }
-    for (let b = b0; b < b1; b++) this.known.set(b);
   }
 
   private window(key: string): ClientWindow {
@@ -260,7 +270,7 @@ export class BurstGuard {
       suspiciousBytes: this.suspiciousBytes,
       blockedClients: [...this.blocked],
       trackedClients: this.clients.size,
-      bitmapBytes: this.known.bytes + this.data.bytes,
+      bitmapBytes: this.seen.bytes,
     };
   }
 }
