@@ -2,17 +2,20 @@
  * `devfilter interpose attach|detach`: puts filters in front of a live device-mapper device
  * and takes them away again, with its file system mounted (docs/interpose.md).
  *
- * Attach: read the live table (linear targets only); start a dedicated `devfilter serve`
- * whose one export reproduces that table over the same underlying devices, with the filters
- * already on it; connect a kernel NBD device to it; then suspend the dm device (in-flight I/O
- * drains, the file system is flushed and frozen), drop the underlying devices' page cache
- * (the daemon's reads so far may be stale), load a table that maps the same sectors onto the
- * NBD device, and resume. Any failure before the resume drops the new table and resumes the
- * original one: the file system never notices.
+ * Attach: read the live table (linear targets only, 4 KiB-aligned); start a dedicated
+ * `devfilter serve` whose one export reproduces that table over the same underlying devices;
+ * connect a kernel NBD device to it; then suspend the dm device (in-flight I/O drains, the
+ * file system is flushed and frozen), put the filters on the export (so that a change map or
+ * a journal sees every write from here on, and none before is missed), drop the underlying
+ * devices' page cache (the daemon's reads so far may be stale), load a table that maps the
+ * same sectors onto the NBD device, check the NBD connection, and resume. Any failure before
+ * the resume drops the new table and resumes the original one: the file system never
+ * notices. Signals that would end the CLI are held while the device is suspended.
  *
- * Detach: suspend, flush the NBD device (the daemon's writes reach the disk), load the
- * original table, resume; then disconnect the NBD device and stop the daemon, which flushes
- * and closes the underlying devices.
+ * Detach: suspend, flush through the NBD device (the daemon's writes reach its page cache of
+ * the disks, then the disks), sync the underlying devices, drop their cache, load the original
+ * table, resume; then disconnect the NBD device and stop the daemon. A device left suspended
+ * by an attach or detach that died part way is resumed on its original table first.
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -21,6 +24,9 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { LinearSegment } from '../backends/linear.js';
 import { dropPageCache } from '../backends/libc.js';
+import { callOnce } from '../control/client.js';
+import { takeLock } from '../core/durable-files.js';
+import { makeDirs } from '../core/make-dirs.js';
 import { SECTOR, parseLinearTable, singleLinearTable } from './dm-table.js';
 import {
   NBD_MAJOR,
@@ -67,8 +73,44 @@ async function injectedFailure(where: string, nbd: string): Promise<void> {
   await waitUntil(() => !nbdAttached(nbd), 10_000, `/dev/${nbd} stayed attached`);
 }
 
+/** Bytes every segment's start, length and offset must be a multiple of. */
+const ALIGNMENT = 4096;
+
+/** One attach or detach of a device at a time (a lock file beside its state directory). */
+async function lockDevice(root: string, name: string): Promise<() => Promise<void>> {
+  await makeDirs(root, 0o700);
+  return takeLock(join(root, `${name}.lock`), `interpose of ${name}`);
+}
+
+/**
+ * Holds SIGINT, SIGTERM and SIGHUP while `fn` runs: a CLI that died with the device
+ * suspended would leave the file system frozen (and a load half done). Released after.
+ */
+async function withSignalsHeld<T>(fn: () => Promise<T>): Promise<T> {
+  const held: NodeJS.Signals[] = [];
+  const note = (sig: NodeJS.Signals) => held.push(sig);
+  const signals: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+  for (const sig of signals) process.on(sig, note);
+  try {
+    return await fn();
+  } finally {
+    for (const sig of signals) process.off(sig, note);
+    if (held.length > 0) process.kill(process.pid, held[0]!);
+  }
+}
+
 export async function attach(dev: string, o: AttachOptions): Promise<InterposeState> {
   if (process.getuid?.() !== 0) throw new Error('interpose needs root (device-mapper, nbd)');
+  const { name } = resolveDm(dev);
+  const unlock = await lockDevice(o.stateRoot, name);
+  try {
+    return await attachLocked(dev, o);
+  } finally {
+    await unlock();
+  }
+}
+
+async function attachLocked(dev: string, o: AttachOptions): Promise<InterposeState> {
   const { name, block } = resolveDm(dev);
   if ((await readState(o.stateRoot, name)) !== null)
     throw new Error(
@@ -80,12 +122,19 @@ export async function attach(dev: string, o: AttachOptions): Promise<InterposeSt
     const under = blockName(t.device);
     if (t.device.split(':')[0] === String(NBD_MAJOR) || under.startsWith('nbd'))
       throw new Error(`${name} already maps onto an NBD device (${under}): interposed already?`);
-    return {
+    const seg = {
       start: t.start * SECTOR,
       length: t.length * SECTOR,
       path: `/dev/${under}`,
       offset: t.offset * SECTOR,
     };
+    // The daemon writes the disks through their page cache, a page at a time: an edge inside
+    // a page would rewrite the neighbour's sectors (another volume) from a cached copy.
+    if (seg.start % ALIGNMENT !== 0 || seg.length % ALIGNMENT !== 0 || seg.offset % ALIGNMENT !== 0)
+      throw new Error(
+        `${name}: target "${t.start} ${t.length} linear ${t.device} ${t.offset}" is not aligned to ${ALIGNMENT} bytes (8 sectors); not interposing:\n${originalTable}`,
+      );
+    return seg;
   });
   const { sectors, logicalBlockSize } = blockGeometry(block);
   const dir = stateDir(o.stateRoot, name);
@@ -130,7 +179,12 @@ export async function attach(dev: string, o: AttachOptions): Promise<InterposeSt
     o.say(`${name}: /dev/${state.nbd} connected`);
     state.phase = 'swapping';
     await writeState(o.stateRoot, state);
-    await swap(name, singleLinearTable(sectors, majMin(state.nbd)), segments, state.nbd, sectors);
+    const nbd = state.nbd;
+    await withSignalsHeld(() =>
+      swap(name, singleLinearTable(sectors, majMin(nbd)), segments, nbd, sectors, () =>
+        createFilters(state),
+      ),
+    );
   } catch (err) {
     await undoAttach(state, o).catch((e: unknown) =>
       o.say(`${name}: cleaning up after the failure failed too: ${(e as Error).message}`),
@@ -155,10 +209,13 @@ async function swap(
   segments: LinearSegment[],
   nbd: string,
   sectors: number,
+  whileSuspended: () => Promise<void>,
 ): Promise<void> {
+  await settleUdev();
   await dmsetup('suspend', name);
   try {
     await injectedFailure('after-suspend', nbd);
+    await whileSuspended();
     for (const path of new Set(segments.map((s) => s.path))) await dropCache(path);
     await dmsetup('load', name, '--table', table);
     // device-mapper takes a table over an NBD device that has lost its connection (the size
@@ -167,12 +224,42 @@ async function swap(
       throw new Error(`/dev/${nbd} lost its connection to devfilter before the resume`);
     await dmsetup('resume', name);
   } catch (err) {
+    // A resume that reported failure may still have swapped: look before undoing anything.
+    const live = (await dmsetup('table', name).catch(() => '')).trim();
+    if (live === table && !(await isSuspended(name).catch(() => true))) return;
     await dmsetup('clear', name).catch(() => undefined);
     if (await isSuspended(name).catch(() => true)) await dmsetup('resume', name);
     throw new Error(
       `${(err as Error).message}\nthe original table of ${name} is back in place and the device resumed`,
       { cause: err },
     );
+  }
+}
+
+/** The filters asked for, put on the export while the device is suspended (top first). */
+async function createFilters(state: InterposeState): Promise<void> {
+  for (const f of state.filters)
+    await callOnce(state.control, 'filter.create', {
+      export: state.exportName,
+      type: f.type,
+      args: f.args,
+      at: 'bottom',
+      ...(f.name !== undefined ? { name: f.name } : {}),
+    });
+}
+
+/** Lets udev finish probing the new NBD device (its reads could cache stale pages). */
+async function settleUdev(): Promise<void> {
+  await runTool('udevadm', ['settle', '--timeout=10']).catch(() => undefined);
+}
+
+/** fsync(2) of a block device: its dirty pages written, and a flush sent to the device. */
+async function syncDevice(path: string): Promise<void> {
+  const fd = await fs.promises.open(path, 'r');
+  try {
+    await fd.sync();
+  } finally {
+    await fd.close();
   }
 }
 
@@ -189,7 +276,12 @@ async function dropCache(path: string): Promise<void> {
 async function undoAttach(state: InterposeState, o: AttachOptions): Promise<void> {
   if (state.nbd !== undefined && nbdAttached(state.nbd))
     await runTool('nbd-client', ['-d', `/dev/${state.nbd}`]).catch(() => undefined);
-  if (state.pid !== undefined) await stopDaemon(state.pid, o.timeoutMs);
+  if (state.pid !== undefined)
+    await stopDaemon(
+      state.pid,
+      o.timeoutMs,
+      join(stateDir(o.stateRoot, state.dmName), 'state.json'),
+    );
   await removeState(o.stateRoot, state.dmName);
 }
 
@@ -247,9 +339,19 @@ function alive(pid: number): boolean {
   }
 }
 
+/** Whether `pid` is still the daemon of this state (not a reused pid). */
+function isOurDaemon(pid: number, statePath: string): boolean {
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes(statePath);
+  } catch {
+    return false;
+  }
+}
+
 /** SIGTERM (the daemon drains, flushes and closes), then SIGKILL after the timeout. */
-async function stopDaemon(pid: number, timeoutMs: number): Promise<void> {
+async function stopDaemon(pid: number, timeoutMs: number, statePath?: string): Promise<void> {
   if (!alive(pid)) return;
+  if (statePath !== undefined && !isOurDaemon(pid, statePath)) return;
   process.kill(pid, 'SIGTERM');
   try {
     await waitUntil(() => !alive(pid), timeoutMs, `daemon ${pid} did not stop`);
@@ -267,10 +369,25 @@ export interface DetachOptions {
 export async function detach(dev: string, o: DetachOptions): Promise<void> {
   if (process.getuid?.() !== 0) throw new Error('interpose needs root (device-mapper, nbd)');
   const name = dev.includes('/') ? resolveDm(dev).name : dev;
+  const unlock = await lockDevice(o.stateRoot, name);
+  try {
+    await detachLocked(name, o);
+  } finally {
+    await unlock();
+  }
+}
+
+async function detachLocked(name: string, o: DetachOptions): Promise<void> {
   const state = await readState(o.stateRoot, name);
   if (state === null) throw new Error(`${name} is not interposed (no state in ${o.stateRoot})`);
-  state.phase = 'detaching';
-  await writeState(o.stateRoot, state);
+  const statePath = join(stateDir(o.stateRoot, name), 'state.json');
+  // An attach or detach that died with the device suspended: drop any half-loaded table and
+  // resume what is live, before anything else.
+  if (await isSuspended(name)) {
+    await dmsetup('clear', name);
+    await dmsetup('resume', name);
+    o.say(`${name}: was left suspended; resumed on its live table`);
+  }
   const live = (await dmsetup('table', name)).trim();
   if (live !== state.originalTable) {
     const nbdTable =
@@ -279,22 +396,35 @@ export async function detach(dev: string, o: DetachOptions): Promise<void> {
       throw new Error(
         `${name}'s table is neither the original nor devfilter's; not touching it:\n${live}`,
       );
-    await dmsetup('suspend', name);
-    try {
-      // Whatever the daemon wrote goes to the disk before the disk is used directly again.
-      if (state.nbd !== undefined && nbdAttached(state.nbd))
-        await runTool('blockdev', ['--flushbufs', `/dev/${state.nbd}`]);
-      for (const path of new Set(state.segments.map((s) => s.path))) await dropCache(path);
-      await dmsetup('load', name, '--table', state.originalTable);
-      await dmsetup('resume', name);
-    } catch (err) {
-      await dmsetup('clear', name).catch(() => undefined);
-      if (await isSuspended(name).catch(() => true)) await dmsetup('resume', name);
-      throw new Error(
-        `${(err as Error).message}\n${name} still runs through devfilter; nothing was lost`,
-        { cause: err },
-      );
-    }
+    await checkBackendUnchanged(state);
+    state.phase = 'detaching';
+    await writeState(o.stateRoot, state);
+    await withSignalsHeld(async () => {
+      await dmsetup('suspend', name);
+      try {
+        // What the daemon acknowledged reaches the disks before they are used directly
+        // again: a flush through the NBD device makes the daemon fdatasync its side, and an
+        // fsync of each disk writes whatever is still dirty in their page cache.
+        if (state.nbd !== undefined && nbdAttached(state.nbd))
+          await syncDevice(`/dev/${state.nbd}`);
+        for (const path of new Set(state.segments.map((s) => s.path))) {
+          await syncDevice(path);
+          await dropCache(path);
+        }
+        await dmsetup('load', name, '--table', state.originalTable);
+        await dmsetup('resume', name);
+      } catch (err) {
+        const now = (await dmsetup('table', name).catch(() => '')).trim();
+        if (now !== state.originalTable || (await isSuspended(name).catch(() => true))) {
+          await dmsetup('clear', name).catch(() => undefined);
+          if (await isSuspended(name).catch(() => true)) await dmsetup('resume', name);
+          throw new Error(
+            `${(err as Error).message}\n${name} still runs through devfilter; nothing was lost`,
+            { cause: err },
+          );
+        }
+      }
+    });
     o.say(`${name}: original table back in place`);
   }
   if (state.nbd !== undefined && nbdAttached(state.nbd)) {
@@ -305,7 +435,28 @@ export async function detach(dev: string, o: DetachOptions): Promise<void> {
       `/dev/${state.nbd} stayed attached`,
     );
   }
-  if (state.pid !== undefined) await stopDaemon(state.pid, o.timeoutMs);
+  if (state.pid !== undefined) await stopDaemon(state.pid, o.timeoutMs, statePath);
   await removeState(o.stateRoot, name);
   o.say(`${name}: devfilter detached`);
+}
+
+/**
+ * Refuses to detach when the export no longer runs on the original devices (a mirror cut it
+ * over elsewhere): putting the original table back would show the data as it was before.
+ */
+async function checkBackendUnchanged(state: InterposeState): Promise<void> {
+  let backend: unknown;
+  try {
+    backend = (
+      (await callOnce(state.control, 'export.status', { export: state.exportName })) as {
+        backend?: unknown;
+      }
+    ).backend;
+  } catch {
+    return; // the daemon is gone: its backend cannot have moved since
+  }
+  if (typeof backend === 'string' && !backend.startsWith('linear:'))
+    throw new Error(
+      `${state.dmName}'s export now runs on ${backend} (a cutover?): the original table would show stale data; not detaching`,
+    );
 }

@@ -1,8 +1,8 @@
 /**
  * The daemon behind one interposed device (`devfilter interpose serve --state FILE`, started
  * by `interpose attach`): `devfilter serve` with one export that reproduces the dm table over
- * the underlying devices, its filters in place before any client connects, a unix NBD socket
- * for the kernel's NBD device and a control socket for `devfilter filter ...`.
+ * the underlying devices, a unix NBD socket for the kernel's NBD device and a control socket
+ * for `devfilter filter ...` (attach puts the filters on through it).
  *
  * A daemon serving a mounted file system must not wait on that file system for memory: when
  * the kernel reclaims memory by writing dirty pages of the interposed device, the writes come
@@ -38,11 +38,8 @@ export async function serveInterposed(statePath: string, log: Logger): Promise<v
         name: state.exportName,
         description: `dm device ${state.dmName}, interposed`,
         backend: { type: 'linear', segments: state.segments },
-        filters: state.filters.map((f) => ({
-          type: f.type,
-          args: f.args,
-          ...(f.name !== undefined ? { name: f.name } : {}),
-        })),
+        // No filters yet: attach puts them on while the dm device is suspended, so that none
+        // misses a write made through the original table before the swap.
       },
     ],
     defaultExport: state.exportName,
