@@ -16,7 +16,7 @@
  */
 import fs from 'node:fs';
 import { hostname } from 'node:os';
-import { basename, dirname, join, resolve } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { fsyncDir, readIfExists, writeFileAtomic } from '../../core/durable-files.js';
 
 export const FENCE_SUFFIX = '.devfilter-cutover';
@@ -53,12 +53,16 @@ export function fileOfLabel(label: string | undefined): string | undefined {
 export function fenceOf(label: string | undefined): string | undefined {
   const path = fileOfLabel(label);
   if (path === undefined) return undefined;
+  let real: string;
   try {
     if (!fs.statSync(path).isFile()) return undefined;
+    // The file itself, however it is named (a symlink, another working directory): the
+    // record must be found whichever name a config uses for it.
+    real = fs.realpathSync(path);
   } catch {
     return undefined;
   }
-  return `${resolve(path)}${FENCE_SUFFIX}`;
+  return `${real}${FENCE_SUFFIX}`;
 }
 
 export function stateDirRecord(stateDir: string, exportName: string): string {
