@@ -82,7 +82,7 @@ export function clientTlsOptions(u: NbdUri): tls.ConnectionOptions {
     // public certificate would do).
     if (opts.rejectUnauthorized !== false && opts.ca === undefined)
       throw new Error(
-        'nbds+unix: give tls-certificates=DIR with a ca-cert.pem, or tls-hostname=NAME, so that the server can be verified',
+        'nbds+unix: TLS cannot verify the server: give tls-certificates=DIR with a ca-cert.pem, or tls-hostname=NAME',
       );
     opts.checkServerIdentity = () => undefined;
   }
