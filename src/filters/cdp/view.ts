@@ -12,6 +12,7 @@
  */
 import { ExtentState, type Device, type DeviceInfo, type Extent } from '../../core/device.js';
 import { DeviceError, assert } from '../../core/errors.js';
+import { imageFacts } from '../image-facts.js';
 import { RecordType } from './format.js';
 import type { ChangeLog } from './history.js';
 
@@ -50,22 +51,7 @@ export class CdpView implements Device {
     /** The point shown: the state after change `point` and before `point + 1`. */
     readonly point: number,
   ) {
-    const below = src.origin.info();
-    this.facts = Object.freeze({
-      size: src.size,
-      blockSize: below.blockSize,
-      caps: Object.freeze({
-        readOnly: true,
-        flush: true,
-        fua: false,
-        trim: false,
-        zero: false,
-        fastZero: false,
-        cache: false,
-        multiConn: true,
-        rotational: below.caps.rotational,
-      }),
-    });
+    this.facts = imageFacts(src.origin.info(), src.size);
   }
 
   info(): DeviceInfo {

@@ -19,6 +19,7 @@ import {
 } from '../../core/device.js';
 import { DeviceError, assert } from '../../core/errors.js';
 import type { InstantView } from '../../core/filter.js';
+import { imageFacts } from '../image-facts.js';
 import { NO_SLOT } from './format.js';
 import type { Snap } from './registry.js';
 
@@ -64,24 +65,11 @@ export class SnapshotImage implements Device {
     readonly snap: Snap,
     private readonly views: readonly InstantView[] = [],
   ) {
-    const below = src.origin.info();
-    const contexts = views.flatMap((v) => v.statusContexts);
-    this.facts = Object.freeze({
-      size: src.originSize,
-      ...(contexts.length > 0 ? { statusContexts: Object.freeze(contexts) } : {}),
-      blockSize: below.blockSize,
-      caps: Object.freeze({
-        readOnly: true,
-        flush: true,
-        fua: false,
-        trim: false,
-        zero: false,
-        fastZero: false,
-        cache: false,
-        multiConn: true,
-        rotational: below.caps.rotational,
-      }),
-    });
+    this.facts = imageFacts(
+      src.origin.info(),
+      src.originSize,
+      views.flatMap((v) => v.statusContexts),
+    );
   }
 
   info(): DeviceInfo {
