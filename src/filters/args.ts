@@ -7,6 +7,7 @@
  */
 import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
 import { FilterCommandError, type ArgsSchema } from '../core/filter.js';
+import { parseSize } from '../core/size.js';
 
 const ajv = new Ajv({ coerceTypes: true, useDefaults: true, allErrors: true, strict: false });
 
@@ -56,4 +57,20 @@ export function unknownCommand(
   return new FilterCommandError(
     `${type} has no command "${command}" (commands: ${known.join(', ')})`,
   );
+}
+
+/**
+ * A creation argument that is a byte count, given as a number or a size string ("64K"), or
+ * `fallback` when absent; throws a message naming `what` for anything else.
+ */
+export function sizeArg(
+  what: string,
+  value: number | string | undefined,
+  fallback: number,
+): number {
+  if (value === undefined) return fallback;
+  const n = typeof value === 'number' ? value : parseSize(value);
+  if (!Number.isSafeInteger(n) || n < 0)
+    throw new Error(`${what} must be a whole number of bytes, got ${String(value)}`);
+  return n;
 }

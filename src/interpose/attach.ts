@@ -25,7 +25,7 @@ import { fileURLToPath } from 'node:url';
 import type { LinearSegment } from '../backends/linear.js';
 import { dropPageCache } from '../backends/libc.js';
 import { callOnce } from '../control/client.js';
-import { takeLock } from '../core/durable-files.js';
+import { pidAlive, takeLock } from '../core/durable-files.js';
 import { makeDirs } from '../core/make-dirs.js';
 import { SECTOR, parseLinearTable, singleLinearTable } from './dm-table.js';
 import {
@@ -330,15 +330,6 @@ function answers(path: string): Promise<boolean> {
   });
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 /** Whether `pid` is still the daemon of this state (not a reused pid). */
 function isOurDaemon(pid: number, statePath: string): boolean {
   try {
@@ -350,11 +341,11 @@ function isOurDaemon(pid: number, statePath: string): boolean {
 
 /** SIGTERM (the daemon drains, flushes and closes), then SIGKILL after the timeout. */
 async function stopDaemon(pid: number, timeoutMs: number, statePath?: string): Promise<void> {
-  if (!alive(pid)) return;
+  if (!pidAlive(pid)) return;
   if (statePath !== undefined && !isOurDaemon(pid, statePath)) return;
   process.kill(pid, 'SIGTERM');
   try {
-    await waitUntil(() => !alive(pid), timeoutMs, `daemon ${pid} did not stop`);
+    await waitUntil(() => !pidAlive(pid), timeoutMs, `daemon ${pid} did not stop`);
   } catch {
     process.kill(pid, 'SIGKILL');
   }

@@ -15,11 +15,31 @@ import { after, before, describe, test } from 'node:test';
 import type { NbdClient } from '../../src/nbd/client.js';
 import { pattern } from '../filters/fixture.js';
 import { KiB, MiB, Rng, readAll, startSnapFixture, type SnapFixture } from '../snapshot/fixture.js';
-import { FAULT_RULES, Tally, attempt, connectWith, injected, seedFrom } from './common.js';
+import {
+  FAULT_RULES,
+  Tally,
+  connectWith,
+  injected,
+  randomRequest,
+  seedFrom,
+  type RequestMix,
+} from './common.js';
 
 const SIZE = 4 * MiB;
 const BLOCK = 4 * KiB;
 const BLOCKS = SIZE / BLOCK;
+/** Mostly a few blocks, unaligned now and then, anywhere: connections overlap. */
+const MIX: RequestMix = {
+  size: SIZE,
+  block: BLOCK,
+  unaligned: 0.25,
+  unalignedBlocks: 2,
+  alignedBlocks: 6,
+  write: 0.65,
+  trim: 0.8,
+  zero: 0.92,
+  read: 0.97,
+};
 const SEED = seedFrom('CBT_FAULT_SEED');
 const ROUNDS = 6;
 const WORKERS = 4;
@@ -153,23 +173,13 @@ describe(`faults below the cbt filter (CBT_FAULT_SEED=${SEED})`, () => {
       await Promise.all(
         clients.map(async (c, w) => {
           for (let i = 0; i < OPS_PER_WORKER; i++) {
-            // Mostly a few blocks, unaligned now and then, anywhere: connections overlap.
-            const unaligned = rng.next() < 0.25;
-            const len = unaligned ? 1 + rng.int(2 * BLOCK) : BLOCK * (1 + rng.int(6));
-            const off = unaligned ? rng.int(SIZE - len) : BLOCK * rng.int((SIZE - len) / BLOCK + 1);
-            const flags = rng.next() < 0.3 ? 1 : 0;
-            const roll = rng.next();
-            const what = `round ${round} worker ${w} op ${i}`;
-            let o: string;
-            if (roll < 0.65)
-              o = await attempt(`${what} write`, () =>
-                c.write(off, pattern(len, round * 10000 + w * 1000 + i), flags),
-              );
-            else if (roll < 0.8) o = await attempt(`${what} trim`, () => c.trim(off, len, flags));
-            else if (roll < 0.92)
-              o = await attempt(`${what} zero`, () => c.writeZeroes(off, len, flags));
-            else if (roll < 0.97) o = await attempt(`${what} read`, () => c.read(off, len));
-            else o = await attempt(`${what} flush`, () => c.flush());
+            const o = await randomRequest(
+              c,
+              rng,
+              MIX,
+              `round ${round} worker ${w} op ${i}`,
+              round * 10000 + w * 1000 + i,
+            );
             tally.add(o);
           }
         }),

@@ -23,10 +23,29 @@ import {
   startSnapFixture,
   type SnapFixture,
 } from '../snapshot/fixture.js';
-import { FAULT_RULES, Tally, attempt, injected, seedFrom } from './common.js';
+import {
+  FAULT_RULES,
+  Tally,
+  injected,
+  randomRequest,
+  seedFrom,
+  type RequestMix,
+} from './common.js';
 
 const SIZE = 2 * MiB;
 const BLOCK = 4 * KiB;
+/** Anywhere on the device, unaligned now and then: connections overlap. */
+const MIX: RequestMix = {
+  size: SIZE,
+  block: BLOCK,
+  unaligned: 0.2,
+  unalignedBlocks: 3,
+  alignedBlocks: 8,
+  write: 0.6,
+  trim: 0.72,
+  zero: 0.84,
+  read: 0.95,
+};
 const SEED = seedFrom('CDP_FAULT_SEED');
 const ROUNDS = 6;
 const WORKERS = 4;
@@ -99,23 +118,13 @@ describe(`faults below the cdp filter (CDP_FAULT_SEED=${SEED})`, () => {
       await Promise.all(
         clients.map(async (c, w) => {
           for (let i = 0; i < OPS_PER_WORKER; i++) {
-            // Anywhere on the device, unaligned now and then: connections overlap.
-            const unaligned = rng.next() < 0.2;
-            const len = unaligned ? 1 + rng.int(3 * BLOCK) : BLOCK * (1 + rng.int(8));
-            const off = unaligned ? rng.int(SIZE - len) : BLOCK * rng.int((SIZE - len) / BLOCK + 1);
-            const flags = rng.next() < 0.3 ? 1 : 0; // FUA
-            const roll = rng.next();
-            const what = `round ${round} worker ${w} op ${i}`;
-            let o: string;
-            if (roll < 0.6)
-              o = await attempt(`${what} write`, () =>
-                c.write(off, pattern(len, round * 10000 + w * 1000 + i), flags),
-              );
-            else if (roll < 0.72) o = await attempt(`${what} trim`, () => c.trim(off, len, flags));
-            else if (roll < 0.84)
-              o = await attempt(`${what} zero`, () => c.writeZeroes(off, len, flags));
-            else if (roll < 0.95) o = await attempt(`${what} read`, () => c.read(off, len));
-            else o = await attempt(`${what} flush`, () => c.flush());
+            const o = await randomRequest(
+              c,
+              rng,
+              MIX,
+              `round ${round} worker ${w} op ${i}`,
+              round * 10000 + w * 1000 + i,
+            );
             tally.add(o);
           }
         }),

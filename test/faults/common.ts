@@ -7,7 +7,8 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { NbdClient } from '../../src/nbd/client.js';
-import type { SnapFixture } from '../snapshot/fixture.js';
+import { pattern } from '../filters/fixture.js';
+import type { Rng, SnapFixture } from '../snapshot/fixture.js';
 
 /** The seed named by `env`, or a random one. */
 export function seedFrom(env: string): number {
@@ -98,4 +99,47 @@ export function connectWith(
 export function injected(fx: SnapFixture, exportName: string, filter = 'faults'): string {
   const s = fx.manager.filterStatus(exportName, filter).status as { injected: unknown };
   return JSON.stringify(s.injected);
+}
+
+/** The shape of one random request: how often each kind, how long. */
+export interface RequestMix {
+  size: number;
+  block: number;
+  /** Chance of an unaligned request, and its longest length in blocks. */
+  unaligned: number;
+  unalignedBlocks: number;
+  /** Longest aligned request, in blocks. */
+  alignedBlocks: number;
+  /** Cumulative chances of write, trim, zero and read; the rest are flushes. */
+  write: number;
+  trim: number;
+  zero: number;
+  read: number;
+}
+
+/**
+ * One random request anywhere on the device (FUA now and then), through `attempt`: writes
+ * carry a pattern derived from `seed`, so that different requests write different bytes.
+ */
+export function randomRequest(
+  c: NbdClient,
+  rng: Rng,
+  mix: RequestMix,
+  what: string,
+  seed: number,
+): Promise<Outcome> {
+  const { size, block } = mix;
+  const unaligned = rng.next() < mix.unaligned;
+  const len = unaligned
+    ? 1 + rng.int(mix.unalignedBlocks * block)
+    : block * (1 + rng.int(mix.alignedBlocks));
+  const off = unaligned ? rng.int(size - len) : block * rng.int((size - len) / block + 1);
+  const flags = rng.next() < 0.3 ? 1 : 0; // FUA
+  const roll = rng.next();
+  if (roll < mix.write)
+    return attempt(`${what} write`, () => c.write(off, pattern(len, seed), flags));
+  if (roll < mix.trim) return attempt(`${what} trim`, () => c.trim(off, len, flags));
+  if (roll < mix.zero) return attempt(`${what} zero`, () => c.writeZeroes(off, len, flags));
+  if (roll < mix.read) return attempt(`${what} read`, () => c.read(off, len));
+  return attempt(`${what} flush`, () => c.flush());
 }

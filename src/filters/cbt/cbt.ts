@@ -22,8 +22,7 @@ import {
   type FilterEnv,
   type InstantView,
 } from '../../core/filter.js';
-import { parseSize } from '../../core/size.js';
-import { commandValidator, unknownCommand } from '../args.js';
+import { commandValidator, sizeArg, unknownCommand } from '../args.js';
 import {
   ChangeMap,
   ChangeView,
@@ -113,14 +112,6 @@ const bitmapArgs = commandValidator<{ since: number | string }>(
   },
   'bitmap',
 );
-
-function sizeArg(what: string, value: number | string | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  const n = typeof value === 'number' ? value : parseSize(value);
-  if (!Number.isSafeInteger(n) || n < 0)
-    throw new Error(`${what} must be a whole number of bytes, got ${String(value)}`);
-  return n;
-}
 
 /** Checks the arguments beyond the schema; throws with a message that says what is wrong. */
 export function checkArgs(

@@ -1,5 +1,5 @@
 /** The cdp filter's arguments, their defaults and limits (docs/cdp.md#arguments). */
-import { parseSize } from '../../core/size.js';
+import { sizeArg } from '../args.js';
 
 // A type, not an interface: it must fit Record<string, unknown> (the registry's argument type).
 export type CdpArgs = {
@@ -23,14 +23,6 @@ const MAX_SEGMENT_BYTES = 1024 * 1024 * 1024;
 const DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024;
 /** How long a rollback waits for the requests in flight before it gives up. */
 export const DEFAULT_PAUSE_TIMEOUT_MS = 30_000;
-
-function sizeArg(what: string, value: number | string | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  const n = typeof value === 'number' ? value : parseSize(value);
-  if (!Number.isSafeInteger(n) || n < 0)
-    throw new Error(`${what} must be a whole number of bytes, got ${String(value)}`);
-  return n;
-}
 
 export interface Settings {
   blockSize: number;

@@ -14,8 +14,7 @@ import type { Logger } from 'pino';
 import type { Device, IoContext } from '../../core/device.js';
 import { assert } from '../../core/errors.js';
 import { FilterCommandError, type Filter, type FilterEnv } from '../../core/filter.js';
-import { parseSize } from '../../core/size.js';
-import { commandValidator, unknownCommand } from '../args.js';
+import { commandValidator, sizeArg, unknownCommand } from '../args.js';
 import { CopyEngine } from './cow.js';
 import {
   MAX_CHUNK,
@@ -85,14 +84,6 @@ const noArgs = commandValidator<Record<string, never>>(
   { type: 'object', properties: {}, additionalProperties: false },
   'snapshot',
 );
-
-function sizeArg(what: string, value: number | string | undefined, fallback: number): number {
-  if (value === undefined) return fallback;
-  const n = typeof value === 'number' ? value : parseSize(value);
-  if (!Number.isSafeInteger(n) || n < 0)
-    throw new Error(`${what} must be a whole number of bytes, got ${String(value)}`);
-  return n;
-}
 
 interface Geometry {
   chunkSize: number;
