@@ -20,6 +20,7 @@ import { assert, toDeviceError } from '../core/errors.js';
 import type { BufferPool } from './buffer-pool.js';
 import { ByteFifo } from './byte-fifo.js';
 import type { Negotiated } from './handshake.js';
+import { moveToUserBuffers, type UserBufferSink } from './user-buffer-socket.js';
 import {
   BASE_ALLOCATION,
   CHUNK_FLAG_DONE,
@@ -73,7 +74,14 @@ interface Request {
   pooled: boolean;
   /** Payload bytes this request counts against the in-flight limit until it completes. */
   bytes: number;
+  /** Payload bytes received so far, while a write's payload arrives into its own buffer. */
+  received: number;
 }
+
+/** Bytes read from the socket at once into a connection's receive buffer. */
+const RECEIVE_BUFFER_BYTES = 64 * 1024;
+/** A write payload with at least this much still to come is read straight into its buffer. */
+const DIRECT_RECEIVE_MIN = 16 * 1024;
 
 const EMPTY = Buffer.alloc(0);
 
@@ -88,7 +96,7 @@ class RequestRejected extends Error {
 
 type ParseState = 'header' | 'payload' | 'discard' | 'closing';
 
-export class TransmissionSession {
+export class TransmissionSession implements UserBufferSink {
   private readonly device: Device;
   private readonly structured: boolean;
   private readonly size: number;
@@ -100,6 +108,12 @@ export class TransmissionSession {
   private readonly extraContexts: ReadonlyArray<{ readonly id: number; readonly name: string }>;
 
   private readonly input = new ByteFifo();
+  /**
+   * Set when the socket reads into buffers of ours (see user-buffer-socket.ts): everything
+   * read lands here first, except large write payloads, which land in their own buffer.
+   * Bytes left in `input` that point into it are copied out before the next read.
+   */
+  private receiveBuffer: Buffer | undefined;
   private state: ParseState = 'header';
   private readonly headerScratch = Buffer.allocUnsafe(REQUEST_HEADER_SIZE);
   /** The WRITE whose payload is being received (state 'payload' or 'discard'). */
@@ -119,7 +133,7 @@ export class TransmissionSession {
   readonly done: Promise<void>;
 
   constructor(
-    private readonly socket: Socket,
+    private socket: Socket,
     private readonly session: Negotiated,
     private readonly ctx: IoContext,
     private readonly limits: TransmissionLimits,
@@ -143,10 +157,18 @@ export class TransmissionSession {
 
   start(): void {
     for (const chunk of this.session.leftover) this.push(chunk);
-    this.socket.on('data', (chunk: Buffer) => {
-      this.push(chunk);
-      this.pump();
-    });
+    this.receiveBuffer = Buffer.allocUnsafeSlow(RECEIVE_BUFFER_BYTES);
+    const moved = moveToUserBuffers(this.socket, this);
+    if (moved !== undefined) {
+      this.socket = moved.socket;
+      for (const chunk of moved.leftover) this.push(chunk);
+    } else {
+      this.receiveBuffer = undefined;
+      this.socket.on('data', (chunk: Buffer) => {
+        this.push(chunk);
+        this.pump();
+      });
+    }
     // The client half-closed: finish everything it sent, including requests still waiting
     // in the buffer behind the in-flight limits, then close our side (see pump()).
     this.socket.on('end', () => {
@@ -175,6 +197,36 @@ export class TransmissionSession {
     if (this.inFlight === 0) this.beginClose();
   }
 
+  nextBuffer(): Uint8Array {
+    const req = this.pending;
+    if (this.state === 'payload' && req!.length - req!.received >= DIRECT_RECEIVE_MIN) {
+      return req!.payload!.subarray(req!.received);
+    }
+    return this.receiveBuffer!;
+  }
+
+  received(n: number, buf: Uint8Array): void {
+    if (this.state === 'closing') return; // nothing may follow DISC, as in push()
+    if (buf === this.receiveBuffer) {
+      this.push(this.receiveBuffer.subarray(0, n));
+    } else {
+      const req = this.pending;
+      assert(
+        this.state === 'payload' && buf.buffer === req!.payload!.buffer,
+        'socket read into a buffer that is not the pending payload',
+      );
+      req!.received += n;
+    }
+    this.pump();
+    // The receive buffer is read into again next: what is still queued must not point into it.
+    const left = this.input.length;
+    if (left > 0) {
+      const owned = Buffer.allocUnsafe(left);
+      this.input.takeInto(owned, 0, left);
+      this.input.push(owned);
+    }
+  }
+
   private push(chunk: Buffer): void {
     if (this.state === 'closing') return; // nothing may follow DISC; ignore it
     this.input.push(chunk);
@@ -196,6 +248,19 @@ export class TransmissionSession {
         if (!this.parseHeader(this.input.take(REQUEST_HEADER_SIZE, this.headerScratch))) return;
       } else if (this.state === 'payload') {
         const req = this.pending!;
+        if (this.receiveBuffer !== undefined) {
+          // Payloads never stay in the receive buffer: it is overwritten by the next read.
+          req.received += this.input.takeInto(
+            req.payload!,
+            req.received,
+            req.length - req.received,
+          );
+          if (req.received < req.length) break;
+          this.pending = undefined;
+          this.state = 'header';
+          this.dispatch(req);
+          continue;
+        }
         if (this.input.length < req.length) break;
         // A payload inside one chunk is used in place; one spread over chunks is gathered
         // into a pooled buffer.
@@ -243,6 +308,7 @@ export class TransmissionSession {
       payload: null,
       pooled: false,
       bytes: 0,
+      received: 0,
     };
     if (req.type === Cmd.WRITE) {
       if (req.length > this.maxPayload) {
@@ -258,6 +324,10 @@ export class TransmissionSession {
         this.pending = req;
         req.bytes = req.length; // counts while it arrives, so limits see it
         this.inFlightBytes += req.bytes;
+        if (this.receiveBuffer !== undefined) {
+          req.pooled = true;
+          req.payload = this.pool.acquire(req.length);
+        }
       }
       return true;
     }

@@ -85,11 +85,18 @@ export async function spawnDaemon(
   args: string[],
   opts: { socket?: string; env?: NodeJS.ProcessEnv; cwd?: string } = {},
 ): Promise<DaemonProcess> {
-  const dir = opts.socket === undefined ? tempDir() : undefined;
-  const socket = opts.socket ?? join(dir!.path, 'nbd.sock');
+  const dir = tempDir();
+  const socket = opts.socket ?? join(dir.path, 'nbd.sock');
+  // A daemon of its own gets a control socket of its own: the default path is one per
+  // machine, and test files run side by side.
+  const chosen =
+    ['--control', '--no-control', '--config', '-c'].some((o) => args.includes(o)) ||
+    opts.env?.DEVFILTER_CONTROL !== undefined ||
+    process.env.DEVFILTER_CONTROL !== undefined;
+  const control = chosen ? [] : ['--control', join(dir.path, 'control.sock')];
   const child = spawn(
     process.execPath,
-    [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...args],
+    [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...control, ...args],
     {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, ...opts.env },
@@ -121,7 +128,7 @@ export async function spawnDaemon(
     stop: async () => {
       child.kill('SIGTERM');
       const code = await exited;
-      dir?.cleanup();
+      dir.cleanup();
       return code;
     },
     kill9: async () => {

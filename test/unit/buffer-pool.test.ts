@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { BufferPool } from '../../src/nbd/buffer-pool.js';
 
-test('large buffers are reused by size class; small and huge ones are not pooled', () => {
+test('buffers are reused by size class; slab-sized and huge ones are not pooled', () => {
   const pool = new BufferPool(8 * 1024 * 1024, 4 * 1024 * 1024);
   const a = pool.acquire(1024 * 1024 + 28);
   assert.equal(a.length, 1024 * 1024 + 28);
@@ -13,9 +13,13 @@ test('large buffers are reused by size class; small and huge ones are not pooled
   assert.equal(b.length, 1024 * 1024 + 20);
   const c = pool.acquire(1024 * 1024 + 20); // the class is empty now: fresh memory
   assert.notEqual(c.buffer, a.buffer);
-  const small = pool.acquire(4096);
-  pool.release(small); // ignored: Node's slab allocator owns it
-  assert.notEqual(pool.acquire(4096).buffer, undefined);
+  const reply = pool.acquire(4096 + 16); // a 4 KiB read reply: a 4.5 KiB class
+  assert.equal(reply.buffer.byteLength, 4608);
+  pool.release(reply);
+  assert.equal(pool.acquire(4096 + 32).buffer, reply.buffer);
+  const tiny = pool.acquire(1024);
+  pool.release(tiny); // ignored: Node's slab allocator owns it
+  assert.ok(pool.acquire(4096).buffer !== tiny.buffer, 'a slab slice was pooled');
   const huge = pool.acquire(16 * 1024 * 1024);
   pool.release(huge);
   assert.notEqual(pool.acquire(16 * 1024 * 1024).buffer, huge.buffer);
