@@ -57,14 +57,14 @@ export interface FilterEnv {
    * Makes `device` the export's backend in place of the current one (a migration's cutover),
    * with clients connected and every filter staying in place: new requests are held, requests
    * in flight drain (on timeout nothing changes), `device` is flushed, `commit()` runs with
-   * nothing in flight (throw to refuse), the stack is rebound over `device`, and held requests
-   * resume. `label` becomes the export's backendLabel. The device must have the export's size;
+   * nothing in flight (throw to refuse; no request reaches `device` before its promise
+   * resolves), the stack is rebound over `device`, and held requests resume. `label` becomes the export's backendLabel. The device must have the export's size;
    * once this resolves the export owns it, and the old backend has been closed.
    */
   replaceBackend?(
     device: Device,
     label: string,
-    opts?: { timeoutMs?: number; commit?: () => void },
+    opts?: { timeoutMs?: number; commit?: () => void | Promise<void> },
   ): Promise<void>;
   /**
    * Runs `command` on the first other filter of type `type` on this export (as `filter

@@ -291,7 +291,7 @@ export class DeviceManager extends EventEmitter<{ event: [FilterEvent]; export: 
     exportName: string,
     device: Device,
     label: string,
-    opts: { timeoutMs?: number; commit?: () => void } = {},
+    opts: { timeoutMs?: number; commit?: () => void | Promise<void> } = {},
   ): Promise<void> {
     const exp = this.getExport(exportName);
     const before = exp.stack.below.info();

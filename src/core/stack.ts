@@ -315,12 +315,17 @@ export class LiveStack implements Device {
    * Makes `device` the bottom of the stack in place of the backend (a migration's cutover),
    * with the same hold/drain/swap as a filter change: new requests are held, requests in
    * flight drain (on timeout nothing changes), the new device is flushed (so what was durable
-   * below stays durable), `commit()` runs with nothing in flight — it may throw to refuse —
-   * then the chain is rebound over `device` and held requests resume. The filters stay in place
+   * below stays durable), `commit()` runs with nothing in flight — it may throw to refuse, and
+   * may take its time (record the switch durably): no request reaches `device` before it
+   * resolves — then the chain is rebound over `device` and held requests resume. The filters stay in place
    * (no activate/release). Refuses a device of another size. Returns the old backend, which the
    * caller closes.
    */
-  async replaceBackend(device: Device, timeoutMs: number, commit?: () => void): Promise<Device> {
+  async replaceBackend(
+    device: Device,
+    timeoutMs: number,
+    commit?: () => void | Promise<void>,
+  ): Promise<Device> {
     const run = async (): Promise<Device> => {
       if (this.closed) throw new StackChangeError('export is closed', 'closed');
       const oldSize = this.backend.info().size;
@@ -336,7 +341,7 @@ export class LiveStack implements Device {
       try {
         await this.drain(timeoutMs);
         if (device.info().caps.flush) await device.flush(0);
-        commit?.();
+        await commit?.();
         const old = this.backend;
         const chain = buildChain(this.entries, device);
         this.backend = device;

@@ -86,7 +86,7 @@ describe('mirror cutover records', () => {
     }
   });
 
-  it('a switch that does not happen (drain timeout) removes the pending record', async () => {
+  it('a switch that does not happen (drain timeout) leaves no record', async () => {
     const dir = tmp();
     const fx = await startMirrorFixture({ size: 1 * MiB });
     try {

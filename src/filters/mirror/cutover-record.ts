@@ -11,8 +11,10 @@
  * - in the mirror's `stateDir`: `EXPORT.mirror-cutover`, seen by a mirror declared again on
  *   the export (which would otherwise copy the stale source over the newer target).
  *
- * Two phases: `pending` before the switch, `done` after it. A daemon that stops between the
- * two leaves `pending`: which side is current is then not known, and that is what it says.
+ * A cutover writes its record once, `done`, inside the switch while every request is held, so
+ * a record exists exactly when the target may hold data the source lacks. `pending` (written
+ * before the switch by earlier versions) and unreadable records still refuse: which side is
+ * current is then not known, and that is what they say.
  */
 import fs from 'node:fs';
 import { hostname } from 'node:os';

@@ -788,33 +788,35 @@ export class MirrorFilter implements Filter {
     }
     const from = this.env.backendLabel ?? 'device';
     const to = this.target.label;
-    // Recorded before the switch (pending) and after it (done): a daemon restarted from a
-    // config that still names the old backend must refuse it, not serve stale data.
+    // A daemon restarted from a config that still names the old backend must refuse it, not
+    // serve stale data: the switch is recorded inside it, with every request held. Until the
+    // record is durable nothing has reached the target alone, so a daemon that dies before
+    // finds no record and the source current; one that dies after finds the record.
     const records = this.recordPaths(from);
-    const record = newRecord(this.env.exportName, from, to);
-    await this.writeRecords(records, record);
-    try {
-      await this.env.replaceBackend(this.target.device, to, {
-        ...(timeoutMs !== undefined ? { timeoutMs } : {}),
-        commit: () => {
-          if (this.state !== 'synced' || this.dirty.count > 0 || this.copying.size > 0)
-            throw new Error(`the mirror left the synced state (${this.state}); nothing changed`);
-          this.state = 'cutover';
-          this.ownsTarget = false;
-        },
+    const at = new Date().toISOString();
+    const commit = async (): Promise<void> => {
+      const unsynced = (): boolean =>
+        this.state !== 'synced' || this.dirty.count > 0 || this.copying.size > 0;
+      if (unsynced())
+        throw new Error(`the mirror left the synced state (${this.state}); nothing changed`);
+      await this.writeRecords(records, {
+        ...newRecord(this.env.exportName, from, to),
+        at,
+        state: 'done',
       });
-    } catch (err) {
-      // Nothing changed: the old backend is still the current one.
-      for (const p of records) await removeRecord(p).catch(() => undefined);
-      throw err;
-    }
-    this.cutoverAt = new Date().toISOString();
-    const done: CutoverRecord = { ...record, state: 'done', at: this.cutoverAt };
-    for (const p of records)
-      await writeRecord(p, done).catch((err: unknown) =>
-        // A record left pending still refuses the old backend; it only says less.
-        this.env.logger.warn({ err, path: p }, 'completing the cutover record failed'),
-      );
+      if (unsynced()) {
+        // A command (cancel, pause) ran while the record was written: the switch is off.
+        for (const p of records) await removeRecord(p).catch(() => undefined);
+        throw new Error(`the mirror left the synced state (${this.state}); nothing changed`);
+      }
+      this.state = 'cutover';
+      this.ownsTarget = false;
+    };
+    await this.env.replaceBackend(this.target.device, to, {
+      ...(timeoutMs !== undefined ? { timeoutMs } : {}),
+      commit,
+    });
+    this.cutoverAt = at;
     // The target is current now: a record of an earlier move away from it no longer holds.
     const targetFence = fenceOf(to);
     if (targetFence !== undefined)
