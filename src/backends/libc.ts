@@ -76,6 +76,7 @@ interface Libc {
   preadv2(fd: number, iov: Buffer, count: number, offset: number, flags: number): number | bigint;
   fstatfs(fd: number, out: Buffer): number;
   getsockopt(fd: number, level: number, name: number, value: Buffer, length: Buffer): number;
+  setsockopt(fd: number, level: number, name: number, value: Buffer, length: number): number;
   prctl(option: number, a2: number, a3: number, a4: number, a5: number): number;
 }
 
@@ -100,6 +101,9 @@ function load(): Libc {
       fstatfs: lib.func('int fstatfs64(int fd, void *buf)'),
       getsockopt: lib.func(
         'int getsockopt(int fd, int level, int optname, void *optval, void *optlen)',
+      ),
+      setsockopt: lib.func(
+        'int setsockopt(int fd, int level, int optname, const void *optval, uint32_t optlen)',
       ),
       prctl: lib.func(
         'int prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)',
@@ -236,6 +240,7 @@ export function supportsNoWaitRead(fd: number): boolean {
 }
 
 const SOL_SOCKET = 1;
+const SO_SNDBUF = 7;
 const SO_PEERCRED = 17;
 
 /**
@@ -249,4 +254,14 @@ export function peerCredentials(fd: number): { pid: number; uid: number; gid: nu
   if (load().getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, len) !== 0)
     throw new SysError('getsockopt', koffi.errno());
   return { pid: cred.readInt32LE(0), uid: cred.readUInt32LE(4), gid: cred.readUInt32LE(8) };
+}
+
+/**
+ * Asks for a socket send buffer of `bytes` (SO_SNDBUF; the kernel caps it at
+ * net.core.wmem_max and doubles it for its own bookkeeping). Returns whether it was taken.
+ */
+export function setSendBuffer(fd: number, bytes: number): boolean {
+  const value = Buffer.alloc(4);
+  value.writeInt32LE(bytes, 0);
+  return load().setsockopt(fd, SOL_SOCKET, SO_SNDBUF, value, 4) === 0;
 }

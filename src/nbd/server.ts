@@ -9,7 +9,7 @@ import type { ClientInfo, IoContext } from '../core/device.js';
 import type { ExportSource } from './exports.js';
 import { BufferPool } from './buffer-pool.js';
 import { Negotiator } from './handshake.js';
-import { peerCredentials } from '../backends/libc.js';
+import { peerCredentials, setSendBuffer } from '../backends/libc.js';
 import type { NbdTlsOptions } from './tls.js';
 import {
   DEFAULT_TRANSMISSION_LIMITS,
@@ -30,6 +30,14 @@ export interface NbdServerOptions {
   /** Offer (mode on) or require TLS; absent: no TLS (STARTTLS gets ERR_POLICY). */
   tls?: NbdTlsOptions;
 }
+
+/**
+ * The send buffer asked for on unix-socket connections. The default (208 KiB) holds three
+ * 64 KiB replies; a larger one lets a turn's replies leave in one writev instead of waiting
+ * for the client to drain the socket, which measured a third more 64 KiB and 1 MiB reads.
+ * TCP sizes its buffers itself (autotuning), and setting one would turn that off.
+ */
+const UNIX_SEND_BUFFER = 1024 * 1024;
 
 /** Payload buffers up to this size are reused; at most POOL_FREE_BYTES are kept idle. */
 const MAX_POOLED_BUFFER = 8 * 1024 * 1024 + 64;
@@ -104,6 +112,11 @@ export class NbdServer {
       return Promise.resolve();
     }
     if (client.transport === 'tcp') socket.setNoDelay(true);
+    if (client.transport === 'unix') {
+      const fd = socketFd(socket);
+      // Capped by net.core.wmem_max; a refusal leaves the default, which works, only slower.
+      if (fd !== undefined) setSendBuffer(fd, UNIX_SEND_BUFFER);
+    }
     // Peers vanish without warning; a reset is an ordinary end, never a crash.
     socket.on('error', (err) => log.debug({ err: err.message }, 'socket error'));
     log.info({ client }, 'client connected');
@@ -211,11 +224,16 @@ function clientInfoOf(
   return { transport: 'tcp', address: socket.remoteAddress, port: socket.remotePort ?? 0 };
 }
 
+/** The socket's descriptor: Node keeps it on the socket's handle, with no public accessor. */
+function socketFd(socket: net.Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}
+
 /** A unix-socket client with its uid and gid (SO_PEERCRED), when the kernel tells them. */
 function unixPeer(socket: net.Socket): ClientInfo {
-  // Node keeps the descriptor on the socket's handle; it has no public accessor for it.
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-  if (typeof fd !== 'number' || fd < 0) return { transport: 'unix' };
+  const fd = socketFd(socket);
+  if (fd === undefined) return { transport: 'unix' };
   try {
     const { uid, gid } = peerCredentials(fd);
     return { transport: 'unix', uid, gid };

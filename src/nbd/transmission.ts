@@ -4,8 +4,9 @@
  * out of order; the cookie ties them to requests).
  *
  * Work is bounded: past `maxRequests` requests or `maxBytes` payload bytes in flight, or while
- * the socket's send buffer is full, no new request header is parsed and the socket is paused,
- * so a client that never reads replies or floods requests holds at most that much memory.
+ * SEND_QUEUE_BYTES of replies wait for the socket, no new request header is parsed and the
+ * socket is paused, so a client that never reads replies or floods requests holds at most
+ * that much memory.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
@@ -82,6 +83,12 @@ interface Request {
 const RECEIVE_BUFFER_BYTES = 64 * 1024;
 /** A write payload with at least this much still to come is read straight into its buffer. */
 const DIRECT_RECEIVE_MIN = 16 * 1024;
+/**
+ * Reply bytes queued for the socket past which no new request is parsed, until the queue has
+ * drained. Not the socket's own high-water mark (16 KiB): a single 64 KiB reply passes that,
+ * and stopping then would take requests in one at a time while large replies go out.
+ */
+const SEND_QUEUE_BYTES = 4 * 1024 * 1024;
 
 const EMPTY = Buffer.alloc(0);
 
@@ -623,7 +630,8 @@ export class TransmissionSession implements UserBufferSink {
       this.socket.cork();
       setImmediate(this.uncork);
     }
-    if (!this.socket.write(buf, written)) this.sendBlocked = true;
+    this.socket.write(buf, written);
+    if (this.socket.writableLength >= SEND_QUEUE_BYTES) this.sendBlocked = true;
   }
 
   /** Sends a pooled buffer and returns it to the pool once the socket is done with it. */
