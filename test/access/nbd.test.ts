@@ -113,6 +113,23 @@ interface AccessStatus {
 
 const block = (seed: number, n = 4 * KiB): Buffer => Buffer.alloc(n, seed);
 
+describe('no arguments', () => {
+  test('an access filter created with no rules allows everything', async () => {
+    const fx = await start();
+    try {
+      await fx.create({});
+      const c = await fx.unix();
+      assert.equal(await outcome(c.write(0, block(3))), 'ok');
+      assert.ok((await c.read(0, 4 * KiB)).equals(block(3)));
+      assert.equal(await outcome(c.trim(0, 4 * KiB)), 'ok');
+      await c.disconnect();
+      assert.equal(fx.status<AccessStatus>().counters.denied, 0);
+    } finally {
+      await fx.close();
+    }
+  });
+});
+
 describe('rules over NBD', () => {
   let fx: Fx;
   before(async () => {

@@ -141,7 +141,7 @@ async function readRulesFile(file: string): Promise<unknown> {
   }
 }
 
-const EMPTY_DOC = { default: 'allow' as const, rules: [], worm: [] };
+const EMPTY_DOC = { default: 'allow' as const, rules: [] };
 
 export class AccessFilter implements Filter {
   /** The installed rules: replaced whole, in one assignment. */
