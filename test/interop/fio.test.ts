@@ -201,6 +201,7 @@ describe('fio --ioengine=nbd', () => {
     );
     let exitMs = -1;
     let exitCode: number | null = null;
+    let fioExit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
     try {
       // Let it write for about a second (24 MiB into the file).
       const deadline = Date.now() + 15_000;
@@ -231,16 +232,26 @@ describe('fio --ioengine=nbd', () => {
       exitMs = Date.now() - signalled;
       exitCode = first;
     } finally {
-      const f = await fioProc.stop('SIGINT', 10_000);
-      t.diagnostic(`fio exit ${JSON.stringify(f)}`);
+      fioExit = await fioProc.stop('SIGINT', 10_000);
+      t.diagnostic(`fio exit ${JSON.stringify(fioExit)}`);
       if (d.child.exitCode === null && d.child.signalCode === null) await d.kill9();
       await d.stop(); // already exited: this only removes its temporary socket directory
     }
-    const jobs = parseFioJson(fs.readFileSync(outFile, 'utf8'));
-    const done = jobs[0]!.write.io_bytes;
-    t.diagnostic(
-      `daemon exit ${exitCode} after ${exitMs} ms; fio completed ${done} bytes, job error ${jobs[0]!.error}`,
-    );
+    let done: number;
+    if (fioExit?.signal === 'SIGSEGV' || fioExit?.signal === 'SIGABRT') {
+      // fio's nbd engine sometimes crashes on the errors of a closing server, before its
+      // report is written. What it had acknowledged is then known only from below: the file
+      // held 24 MiB before the signal, and at most one 64 KiB write was in flight.
+      done = 24 * MIB - 64 * 1024;
+      t.diagnostic(
+        `!!! fio crashed (${fioExit.signal}) without a report: checking the first ${done} bytes, which it must have had acknowledged`,
+      );
+    } else {
+      const jobs = parseFioJson(fs.readFileSync(outFile, 'utf8'));
+      done = jobs[0]!.write.io_bytes;
+      t.diagnostic(`fio completed ${done} bytes, job error ${jobs[0]!.error}`);
+    }
+    t.diagnostic(`daemon exit ${exitCode} after ${exitMs} ms`);
     const daemonLog = tail(d.stderr());
     assert.ok(done >= 8 * MIB && done % (64 * 1024) === 0, `fio completed ${done} bytes`);
 
