@@ -38,7 +38,11 @@ let outputs = 0;
 function parseFioJson(text: string): FioJob[] {
   const start = text.search(/^\{$/m);
   assert.ok(start >= 0, `no JSON in fio output:\n${tail(text)}`);
-  return (JSON.parse(text.slice(start)) as { jobs: FioJob[] }).jobs;
+  // fio prints its report as indented JSON: the report ends at the first "}" alone on a line.
+  // Stopped by a signal it may print messages, or a second report, after it.
+  const close = /^\}$/m.exec(text.slice(start));
+  const end = close === null ? text.length : start + close.index + 1;
+  return (JSON.parse(text.slice(start, end)) as { jobs: FioJob[] }).jobs;
 }
 
 interface FioRun {

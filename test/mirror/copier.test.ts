@@ -211,6 +211,36 @@ describe('mirror copier', () => {
     }
   });
 
+  it('verify does not count a chunk whose client write has reached one side only', async () => {
+    const fx = await startMirrorFixture({ size: 2 * MiB });
+    try {
+      await fx.source.write(pattern(2 * MiB, 9), 0, 0);
+      await fx.start({ chunkSize: '64K' });
+      await fx.waitState('synced');
+      // A mirrored write that reaches the source at once and the target only later.
+      const write = fx.target.write.bind(fx.target);
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      fx.target.write = async (data, offset, flags) => {
+        await gate;
+        return write(data, offset, flags);
+      };
+      const held = fx.exp.stack.write(pattern(4 * KiB, 10), 320 * KiB, 0);
+      await new Promise((r) => setTimeout(r, 10));
+      let v = await fx.control('verify');
+      assert.equal(v.differing, 0, 'a write in flight is no difference');
+      assert.equal(v.pending, 1);
+      assert.equal(v.compared, 31);
+      release();
+      await held;
+      v = await fx.control('verify');
+      assert.equal(v.differing, 0);
+      assert.equal(v.compared, 32);
+    } finally {
+      await fx.close();
+    }
+  });
+
   it('cutover makes the target the backend under a live stack; other filters stay; old backend closed', async () => {
     const fx = await startMirrorFixture({ size: 4 * MiB });
     try {

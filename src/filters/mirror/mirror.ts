@@ -83,6 +83,8 @@ const MIN_PROGRESS = 0.1;
 const STATUS_SPAN = 64 * 1024 * 1024;
 /** verify lists at most this many differing chunks (it counts them all). */
 const MAX_LISTED = 100;
+/** Times verify() reads a chunk that differs or that client writes touch, before it gives up. */
+const VERIFY_ATTEMPTS = 5;
 
 function sizeValue(v: unknown, what: string): number {
   try {
@@ -119,6 +121,8 @@ export class MirrorFilter implements Filter {
   private unflushed: ChunkBitmap;
   /** Chunks being copied; `touched` when a client write overlapped the copy. */
   private readonly copying = new Map<number, { touched: boolean }>();
+  /** The chunk verify() is reading, and whether a client write touched it meanwhile. */
+  private verifying: { chunk: number; touched: boolean } | null = null;
   /** Client writes in progress per chunk. */
   private readonly activeWrites = new Map<number, number>();
   /** Client writes in progress that are not mirrored (they mark chunks dirty at the end). */
@@ -371,6 +375,7 @@ export class MirrorFilter implements Filter {
     for (let c = first; c <= last; c++) {
       const rec = this.copying.get(c);
       if (rec !== undefined) rec.touched = true;
+      if (this.verifying?.chunk === c) this.verifying.touched = true;
       const n = (this.activeWrites.get(c) ?? 0) + delta;
       if (n === 0) this.activeWrites.delete(c);
       else this.activeWrites.set(c, n);
@@ -885,15 +890,26 @@ export class MirrorFilter implements Filter {
       }
       const offset = c * this.chunkSize;
       const length = Math.min(this.chunkSize, this.size - offset);
+      // A client write in flight on the chunk, or started while it is read, may have reached
+      // one side and not yet the other: such a comparison says nothing, and is repeated.
       let same = false;
-      for (let attempt = 0; attempt < 3 && !same; attempt++) {
+      let settled = false;
+      for (let attempt = 0; attempt < VERIFY_ATTEMPTS && !same; attempt++) {
         if (attempt > 0) await new Promise((r) => setTimeout(r, 20));
         if (this.dirty.get(c)) break;
-        await below.read(a.subarray(0, length), offset, 0);
-        await target.read(b.subarray(0, length), offset, 0);
+        const probe = { chunk: c, touched: this.activeWrites.has(c) };
+        this.verifying = probe;
+        try {
+          await below.read(a.subarray(0, length), offset, 0);
+          await target.read(b.subarray(0, length), offset, 0);
+        } finally {
+          this.verifying = null;
+        }
         same = a.subarray(0, length).equals(b.subarray(0, length));
+        settled = same || !(probe.touched || this.activeWrites.has(c));
+        if (settled && !same) break; // a difference with no write about: a real one
       }
-      if (this.dirty.get(c)) {
+      if (this.dirty.get(c) || !settled) {
         pending++;
         continue;
       }
