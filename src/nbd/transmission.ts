@@ -624,8 +624,10 @@ export class TransmissionSession implements UserBufferSink {
   private send(buf: Buffer, written?: () => void): void {
     if (this.socketClosed || this.socket.destroyed) return;
     // Replies finished in the same turn of the event loop leave in one writev, not one
-    // syscall each; the socket is uncorked once the turn's I/O callbacks have run.
-    if (!this.corked) {
+    // syscall each; the socket is uncorked once the turn's I/O callbacks have run. The reply
+    // to the only request in flight has nothing to wait for: it leaves at once, which saves
+    // a client at queue depth 1 a few microseconds per request.
+    if (!this.corked && this.inFlight > 1) {
       this.corked = true;
       this.socket.cork();
       setImmediate(this.uncork);
