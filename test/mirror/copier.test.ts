@@ -12,7 +12,7 @@ import { MemoryBackend } from '../../src/backends/memory.js';
 import { ManagerError } from '../../src/core/manager.js';
 import { ChunkBitmap } from '../../src/filters/mirror/bitmap.js';
 import { decodeState, encodeState } from '../../src/filters/mirror/state-file.js';
-import { KiB, MiB, pattern, sleep, startMirrorFixture } from './fixture.js';
+import { KiB, MiB, holdWrites, pattern, sleep, startMirrorFixture } from './fixture.js';
 
 describe('ChunkBitmap', () => {
   it('counts, finds and round-trips bits', () => {
@@ -218,13 +218,7 @@ describe('mirror copier', () => {
       await fx.start({ chunkSize: '64K' });
       await fx.waitState('synced');
       // A mirrored write that reaches the source at once and the target only later.
-      const write = fx.target.write.bind(fx.target);
-      let release!: () => void;
-      const gate = new Promise<void>((r) => (release = r));
-      fx.target.write = async (data, offset, flags) => {
-        await gate;
-        return write(data, offset, flags);
-      };
+      const { release } = holdWrites(fx.target);
       const held = fx.exp.stack.write(pattern(4 * KiB, 10), 320 * KiB, 0);
       await new Promise((r) => setTimeout(r, 10));
       let v = await fx.control('verify');

@@ -15,7 +15,7 @@ import {
   readRecord,
   stateDirRecord,
 } from '../../src/filters/mirror/cutover-record.js';
-import { MiB, KiB, pattern, startMirrorFixture } from './fixture.js';
+import { MiB, KiB, holdWrites, pattern, startMirrorFixture } from './fixture.js';
 
 function tmp(): { path: string; cleanup: () => void } {
   const path = mkdtempSync(join(tmpdir(), 'devfilter-mirror-rec-'));
@@ -93,13 +93,7 @@ describe('mirror cutover records', () => {
       await fx.start({ chunkSize: '64K', stateDir: dir.path });
       await fx.waitState('synced');
       // A client write held in the source keeps the drain from finishing.
-      const write = fx.source.write.bind(fx.source);
-      let release!: () => void;
-      const gate = new Promise<void>((r) => (release = r));
-      fx.source.write = async (data, offset, flags) => {
-        await gate;
-        return write(data, offset, flags);
-      };
+      const { release } = holdWrites(fx.source);
       const held = fx.exp.stack.write(pattern(4 * KiB, 2), 0, 0);
       await assert.rejects(fx.control('cutover', { timeoutMs: 50 }));
       assert.equal(fs.existsSync(stateDirRecord(dir.path, 'mem')), false);

@@ -176,3 +176,15 @@ export function pattern(length: number, seed: number): Buffer {
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Holds every write to `device` until release() is called: a write stuck on one side. */
+export function holdWrites(device: Pick<Device, 'write'>): { release: () => void } {
+  const write = device.write.bind(device);
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  device.write = async (data, offset, flags, ctx) => {
+    await gate;
+    return write(data, offset, flags, ctx);
+  };
+  return { release };
+}
