@@ -17,6 +17,7 @@ import {
   DEFAULT_BLOCK_SIZE,
   ExtentState,
   RequestFlags,
+  readOnlyImageCaps,
   type Device,
   type DeviceInfo,
   type Extent,
@@ -76,17 +77,7 @@ function readOnlyInfo(size: number, preferred: number): DeviceInfo {
       preferred: Math.min(Math.max(preferred, 4096), DEFAULT_BLOCK_SIZE.maximum),
       maximum: DEFAULT_BLOCK_SIZE.maximum,
     }),
-    caps: Object.freeze({
-      readOnly: true,
-      flush: true,
-      fua: false,
-      trim: false,
-      zero: false,
-      fastZero: false,
-      cache: false,
-      multiConn: true,
-      rotational: false,
-    }),
+    caps: readOnlyImageCaps(false),
   });
 }
 

@@ -54,6 +54,24 @@ export interface DeviceCapabilities {
   rotational: boolean;
 }
 
+/**
+ * The capabilities of a read-only image (a snapshot image, a cdp view, a backup): reads,
+ * flush (nothing to flush) and block status, safe for several connections at once.
+ */
+export function readOnlyImageCaps(rotational: boolean): Readonly<DeviceCapabilities> {
+  return Object.freeze({
+    readOnly: true,
+    flush: true,
+    fua: false,
+    trim: false,
+    zero: false,
+    fastZero: false,
+    cache: false,
+    multiConn: true,
+    rotational,
+  });
+}
+
 export interface DeviceInfo {
   size: number;
   blockSize: BlockSizeLimits;

@@ -3,7 +3,7 @@
  * origin's size and block sizes, read-only, nothing but reads, flush and block status, and
  * safe for several connections at once.
  */
-import type { DeviceInfo } from '../core/device.js';
+import { readOnlyImageCaps, type DeviceInfo } from '../core/device.js';
 
 export function imageFacts(
   below: DeviceInfo,
@@ -14,16 +14,6 @@ export function imageFacts(
     size,
     ...(statusContexts.length > 0 ? { statusContexts: Object.freeze([...statusContexts]) } : {}),
     blockSize: below.blockSize,
-    caps: Object.freeze({
-      readOnly: true,
-      flush: true,
-      fua: false,
-      trim: false,
-      zero: false,
-      fastZero: false,
-      cache: false,
-      multiConn: true,
-      rotational: below.caps.rotational,
-    }),
+    caps: readOnlyImageCaps(below.caps.rotational),
   });
 }
