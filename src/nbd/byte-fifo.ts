@@ -74,6 +74,20 @@ export class ByteFifo {
     return moved;
   }
 
+  /**
+   * Replaces the queued bytes that lie in `backing` with copies of them, so that `backing` may
+   * be overwritten; the rest stays as it is.
+   */
+  copyOut(backing: ArrayBufferLike): void {
+    for (let i = 0; i < this.bufs.length; i++) {
+      const buf = this.bufs[i]!;
+      if (buf.buffer !== backing) continue;
+      const from = i === 0 ? this.head : 0;
+      this.bufs[i] = Buffer.from(buf.subarray(from));
+      if (i === 0) this.head = 0;
+    }
+  }
+
   /** Consumes everything left. */
   takeAll(): Buffer {
     return this.take(this.total);

@@ -226,12 +226,7 @@ export class TransmissionSession implements UserBufferSink {
     }
     this.pump();
     // The receive buffer is read into again next: what is still queued must not point into it.
-    const left = this.input.length;
-    if (left > 0) {
-      const owned = Buffer.allocUnsafe(left);
-      this.input.takeInto(owned, 0, left);
-      this.input.push(owned);
-    }
+    this.input.copyOut(this.receiveBuffer!.buffer);
   }
 
   private push(chunk: Buffer): void {
